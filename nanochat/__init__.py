@@ -1,0 +1,1 @@
+"""nanochat: from raw web text to a chat model, in one small readable harness."""

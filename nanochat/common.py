@@ -1,0 +1,294 @@
+"""Shared plumbing: base directory, device and precision, distributed init, printing,
+logging, clear user-facing errors, atomic writes and downloads (SPEC §12.3)."""
+
+import contextlib
+import logging
+import os
+import shutil
+import sys
+import tempfile
+import time
+import urllib.parse
+
+import torch
+import torch.distributed as dist
+
+# -----------------------------------------------------------------------------
+# Errors a user can fix: one sentence, non-zero exit, no traceback.
+
+
+class NanochatError(Exception):
+    """An expected failure (missing data, bad flag, corrupt file). The message says what is
+    wrong and what to do; scripts print it as one line and exit with status 2."""
+
+
+def run_main(main):
+    """Run a script's main(), turning NanochatError into one line on stderr and exit 2."""
+    try:
+        main()
+    except NanochatError as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr, flush=True)
+        sys.exit(130)
+
+
+# -----------------------------------------------------------------------------
+# Where artifacts live
+
+
+def get_base_dir():
+    """Everything a run writes lives here: $NANOCHAT_BASE_DIR or ~/.cache/nanochat."""
+    base = os.environ.get("NANOCHAT_BASE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "nanochat")
+    os.makedirs(base, exist_ok=True)
+    return base
+
+
+# -----------------------------------------------------------------------------
+# Printing and logging
+
+
+def print0(*args, **kwargs):
+    """print() on rank 0 only (RANK unset counts as rank 0)."""
+    if int(os.environ.get("RANK", 0)) == 0:
+        print(*args, **kwargs, flush=True)
+
+
+class _ColorFormatter(logging.Formatter):
+    COLORS = {"DEBUG": "\033[36m", "INFO": "\033[32m", "WARNING": "\033[33m", "ERROR": "\033[31m", "CRITICAL": "\033[35m"}
+
+    def format(self, record):
+        msg = super().format(record)
+        color = self.COLORS.get(record.levelname)
+        if color and sys.stderr.isatty():
+            msg = msg.replace(record.levelname, f"{color}{record.levelname}\033[0m", 1)
+        return msg
+
+
+def setup_default_logging(level=logging.INFO):
+    handler = logging.StreamHandler()
+    handler.setFormatter(_ColorFormatter("%(asctime)s - %(name)s - %(levelname)s - %(message)s"))
+    logging.basicConfig(level=level, handlers=[handler])
+
+
+setup_default_logging()
+logger = logging.getLogger("nanochat")
+
+
+# -----------------------------------------------------------------------------
+# Device and precision
+
+
+def autodetect_device_type():
+    if torch.cuda.is_available():
+        return "cuda"
+    if torch.backends.mps.is_available():
+        return "mps"
+    return "cpu"
+
+
+_DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16,
+           "float32": torch.float32, "fp32": torch.float32}
+
+
+def _detect_compute_dtype():
+    """bf16 on SM80+ GPUs, fp32 elsewhere; NANOCHAT_DTYPE overrides (SPEC §12.3).
+    fp16 is opt-in only (it needs a GradScaler); bf16 on CPU is worth measuring on AVX512-BF16."""
+    env = os.environ.get("NANOCHAT_DTYPE")
+    if env:
+        if env not in _DTYPES:
+            raise NanochatError(f"NANOCHAT_DTYPE={env!r} is not a dtype nanochat knows; use bfloat16, float16 or float32.")
+        return _DTYPES[env]
+    if torch.cuda.is_available() and torch.cuda.get_device_capability() >= (8, 0):
+        return torch.bfloat16
+    return torch.float32
+
+
+COMPUTE_DTYPE = _detect_compute_dtype()
+
+
+# -----------------------------------------------------------------------------
+# Distributed
+
+
+def is_ddp_requested():
+    """True when launched by torchrun (it sets RANK, LOCAL_RANK and WORLD_SIZE)."""
+    return all(k in os.environ for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
+
+
+def is_ddp_initialized():
+    return dist.is_available() and dist.is_initialized()
+
+
+def get_dist_info():
+    """(ddp, rank, local_rank, world_size); (False, 0, 0, 1) outside torchrun."""
+    if is_ddp_requested():
+        return True, int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
+    return False, 0, 0, 1
+
+
+def compute_init(device_type=""):
+    """Seed, pick the device, and join the process group when under torchrun.
+    nccl on CUDA, gloo on CPU (and MPS, which has no collective backend of its own).
+    Returns (ddp, rank, local_rank, world_size, device)."""
+    device_type = device_type or autodetect_device_type()
+    if device_type == "cuda" and not torch.cuda.is_available():
+        raise NanochatError("--device-type=cuda was asked for but no CUDA device is visible; use --device-type=cpu.")
+    if device_type == "mps" and not torch.backends.mps.is_available():
+        raise NanochatError("--device-type=mps was asked for but MPS is not available; use --device-type=cpu.")
+    if device_type not in ("cuda", "mps", "cpu"):
+        raise NanochatError(f"unknown device type {device_type!r}; use cuda, mps or cpu.")
+
+    torch.manual_seed(42)
+    if device_type == "cuda":
+        torch.cuda.manual_seed(42)
+        torch.backends.cuda.matmul.fp32_precision = "tf32"
+        torch.backends.cudnn.conv.fp32_precision = "tf32"
+
+    ddp, rank, local_rank, world_size = get_dist_info()
+    if ddp and device_type == "cuda":
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+        if not dist.is_initialized():
+            dist.init_process_group(backend="nccl", device_id=device)
+        dist.barrier()
+    elif ddp:
+        device = torch.device(device_type)
+        if not dist.is_initialized():
+            dist.init_process_group(backend="gloo")
+        dist.barrier()
+    else:
+        device = torch.device(device_type)
+    if rank == 0:
+        logger.info(f"Distributed world size: {world_size}, device: {device}, dtype: {COMPUTE_DTYPE}")
+    return ddp, rank, local_rank, world_size, device
+
+
+def compute_cleanup():
+    if is_ddp_initialized():
+        dist.destroy_process_group()
+
+
+class DummyWandb:
+    """Stands in for wandb when logging is off (--run=dummy, or ranks other than 0)."""
+
+    def log(self, *args, **kwargs):
+        pass
+
+    def finish(self):
+        pass
+
+
+# -----------------------------------------------------------------------------
+# Peak rates for MFU / MBU
+
+
+# bf16 dense peak FLOP/s; substring match, so the more specific names come first.
+_PEAK_FLOPS = [
+    ("gb200", 2.5e15), ("grace blackwell", 2.5e15), ("b200", 2.25e15), ("b100", 1.8e15),
+    ("h200 nvl", 836e12), ("h200 pcie", 836e12), ("h200", 989e12),
+    ("h100 nvl", 835e12), ("h100 pcie", 756e12), ("h100", 989e12),
+    ("h800 nvl", 989e12), ("h800", 756e12),
+    ("a100", 312e12), ("a800", 312e12), ("a40", 149.7e12), ("a30", 165e12),
+    ("l40s", 362e12), ("l4", 121e12),
+    ("mi355", 2.5e15), ("mi325", 1.3074e15), ("mi300x", 1.3074e15), ("mi300a", 980.6e12),
+    ("mi250x", 383e12), ("mi250", 362.1e12),
+    ("rtx 5090", 209.5e12), ("4090", 165.2e12), ("3090", 71e12),
+]
+
+# HBM bytes/s
+_PEAK_BANDWIDTH = [
+    ("b200", 8.0e12), ("h200", 4.8e12), ("h100 nvl", 3.9e12), ("h100 pcie", 2.0e12), ("h100", 3.35e12),
+    ("a100", 2.0e12), ("l40s", 0.864e12), ("l4", 0.3e12), ("mi300x", 5.3e12),
+    ("rtx 5090", 1.792e12), ("4090", 1.008e12), ("3090", 0.936e12),
+]
+
+
+def _lookup(table, device_name):
+    name = device_name.lower()
+    for key, value in table:
+        if key in name:
+            return value
+    return float("inf")
+
+
+def get_peak_flops(device_name):
+    """bf16 dense peak of a known GPU; inf when unknown (MFU is then reported as n/a)."""
+    return _lookup(_PEAK_FLOPS, device_name)
+
+
+def get_peak_bandwidth(device_name):
+    return _lookup(_PEAK_BANDWIDTH, device_name)
+
+
+# -----------------------------------------------------------------------------
+# Atomic writes and downloads
+
+
+@contextlib.contextmanager
+def atomic_path(path):
+    """Yield a temporary path beside `path`; on success rename it over `path`, on failure
+    remove it. A crash at any moment leaves either the old file or the new one."""
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=os.path.basename(path) + ".", suffix=".tmp")
+    os.close(fd)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(tmp)
+        raise
+
+
+def is_url(source):
+    return urllib.parse.urlparse(str(source)).scheme in ("http", "https", "file")
+
+
+def download_file(source, dest, *, attempts=5, timeout=30, desc=None, progress=True, session=None):
+    """Fetch `source` (http(s) URL, file:// URL or local path) to `dest`, atomically, under a
+    file lock so concurrent ranks download once. Retries with exponential backoff (2, 4, 8,
+    16 s); returns `dest`. An existing `dest` is trusted (it only ever appears complete)."""
+    import requests
+    from filelock import FileLock
+    from tqdm import tqdm
+
+    os.makedirs(os.path.dirname(os.path.abspath(dest)), exist_ok=True)
+    with FileLock(dest + ".lock"):
+        if os.path.exists(dest):
+            return dest
+        parsed = urllib.parse.urlparse(str(source))
+        if parsed.scheme in ("", "file"):
+            local = urllib.parse.unquote(parsed.path) if parsed.scheme == "file" else str(source)
+            if not os.path.exists(local):
+                raise NanochatError(f"{local} does not exist; check the path you gave.")
+            with atomic_path(dest) as tmp:
+                shutil.copyfile(local, tmp)
+            return dest
+        http = session or requests
+        last_error = None
+        for attempt in range(1, attempts + 1):
+            try:
+                with http.get(source, stream=True, timeout=timeout) as r:
+                    r.raise_for_status()
+                    total = int(r.headers.get("content-length", 0)) or None
+                    with atomic_path(dest) as tmp:
+                        with open(tmp, "wb") as f, tqdm(total=total, unit="B", unit_scale=True, leave=False,
+                                                        desc=desc or os.path.basename(dest), disable=not progress) as bar:
+                            for chunk in r.iter_content(chunk_size=1 << 20):
+                                f.write(chunk)
+                                bar.update(len(chunk))
+                            written = f.tell()
+                        if total is not None and written != total:  # raising here discards the temp file
+                            raise OSError(f"short read: {written} of {total} bytes")
+                return dest
+            except (requests.RequestException, OSError) as e:
+                last_error = e
+                if attempt < attempts:
+                    wait = 2 ** attempt
+                    logger.warning(f"download of {source} failed ({e}); retry {attempt}/{attempts - 1} in {wait}s")
+                    time.sleep(wait)
+        raise NanochatError(f"could not download {source} after {attempts} attempts ({last_error}); "
+                            f"check the network or give a local copy.")
