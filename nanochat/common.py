@@ -247,10 +247,13 @@ def is_url(source):
     return urllib.parse.urlparse(str(source)).scheme in ("http", "https", "file")
 
 
-def download_file(source, dest, *, attempts=5, timeout=30, desc=None, progress=True, session=None):
+def download_file(source, dest, *, attempts=5, timeout=30, desc=None, progress=True, session=None, verify=None):
     """Fetch `source` (http(s) URL, file:// URL or local path) to `dest`, atomically, under a
     file lock so concurrent ranks download once. Retries with exponential backoff (2, 4, 8,
-    16 s); returns `dest`. An existing `dest` is trusted (it only ever appears complete)."""
+    16 s); returns `dest`. An existing `dest` is trusted (it only ever appears complete).
+    A 4xx answer (other than 408/429) fails at once: retrying cannot fix a wrong URL.
+    `verify(tmp_path)`, when given, checks the fetched file before it is renamed into place and
+    raises on bad content: a bad download counts as a failed attempt, a bad local file fails at once."""
     import requests
     from filelock import FileLock
     from tqdm import tqdm
@@ -266,12 +269,20 @@ def download_file(source, dest, *, attempts=5, timeout=30, desc=None, progress=T
                 raise NanochatError(f"{local} does not exist; check the path you gave.")
             with atomic_path(dest) as tmp:
                 shutil.copyfile(local, tmp)
+                if verify is not None:
+                    try:
+                        verify(tmp)
+                    except Exception as e:
+                        raise NanochatError(f"{local} is not a valid file ({e}); replace it with a good copy.") from e
             return dest
         http = session or requests
         last_error = None
         for attempt in range(1, attempts + 1):
             try:
                 with http.get(source, stream=True, timeout=timeout) as r:
+                    if 400 <= r.status_code < 500 and r.status_code not in (408, 429):
+                        raise NanochatError(f"{source} answered {r.status_code} {r.reason}; check the URL "
+                                            f"(retrying will not help).")
                     r.raise_for_status()
                     total = int(r.headers.get("content-length", 0)) or None
                     with atomic_path(dest) as tmp:
@@ -283,6 +294,11 @@ def download_file(source, dest, *, attempts=5, timeout=30, desc=None, progress=T
                             written = f.tell()
                         if total is not None and written != total:  # raising here discards the temp file
                             raise OSError(f"short read: {written} of {total} bytes")
+                        if verify is not None:
+                            try:
+                                verify(tmp)
+                            except Exception as e:
+                                raise OSError(f"the downloaded file is invalid: {e}") from e
                 return dest
             except (requests.RequestException, OSError) as e:
                 last_error = e
@@ -292,3 +308,28 @@ def download_file(source, dest, *, attempts=5, timeout=30, desc=None, progress=T
                     time.sleep(wait)
         raise NanochatError(f"could not download {source} after {attempts} attempts ({last_error}); "
                             f"check the network or give a local copy.")
+
+
+def measure_matmul_flops(device, dtype=torch.float32, size=1024, seconds=0.3, trials=5):
+    """Measured dense matmul rate (FLOP/s) of this device, the best of a few short trials: the
+    honest MFU denominator on CPUs and unknown GPUs, where no datasheet peak applies."""
+    device = torch.device(device)
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
+
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    for _ in range(3):  # warm up
+        a @ b
+    sync()
+    best = 0.0
+    for _ in range(trials):
+        n, t0 = 0, time.perf_counter()
+        while time.perf_counter() - t0 < seconds:
+            a @ b
+            n += 1
+        sync()
+        best = max(best, 2 * size**3 * n / (time.perf_counter() - t0))
+    return best

@@ -1,0 +1,203 @@
+"""Checkpoints (SPEC §12.2): save (atomic, per-rank optimizer shards, keep the last K),
+find the latest, load for resuming and for inference.
+
+Layout, as upstream so the two projects read each other's runs:
+    base_dir/{base,chatsft,chatrl}_checkpoints/<model_tag>/
+        model_{step:06d}.pt            state dict (rank 0)
+        meta_{step:06d}.json           model_config, user_config, loop state ... (rank 0, written last)
+        optim_{step:06d}_rank{r}.pt    optimizer shard of rank r
+        state_{step:06d}_rank{r}.pt    ours: rank r's dataloader position and RNG states (exact resume)
+A step counts as saved once its meta file exists: every other file is written before it.
+"""
+
+import glob
+import json
+import os
+import re
+
+import torch
+import torch.distributed as dist
+
+from nanochat.common import NanochatError, atomic_path, get_base_dir, logger
+
+PHASE_DIRS = {"base": "base_checkpoints", "sft": "chatsft_checkpoints", "rl": "chatrl_checkpoints"}
+
+
+def _barrier():
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
+
+
+def get_checkpoints_root(source):
+    if source not in PHASE_DIRS:
+        raise NanochatError(f"unknown checkpoint source {source!r}; use one of {', '.join(PHASE_DIRS)}.")
+    return os.path.join(get_base_dir(), PHASE_DIRS[source])
+
+
+def _torch_save(obj, path):
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
+
+
+def save_checkpoint(checkpoint_dir, step, model_data, optimizer_data, meta_data, rank=0, extra_state=None, keep_last=-1):
+    """Every rank calls this. Rank 0 writes the model; every rank writes its optimizer shard and
+    extra state; after a barrier rank 0 writes the meta, which marks the step complete.
+    keep_last > 0 removes older steps (each rank its own shards)."""
+    os.makedirs(checkpoint_dir, exist_ok=True)
+    if rank == 0:
+        _torch_save(model_data, os.path.join(checkpoint_dir, f"model_{step:06d}.pt"))
+    if optimizer_data is not None:
+        _torch_save(optimizer_data, os.path.join(checkpoint_dir, f"optim_{step:06d}_rank{rank}.pt"))
+    if extra_state is not None:
+        _torch_save(extra_state, os.path.join(checkpoint_dir, f"state_{step:06d}_rank{rank}.pt"))
+    _barrier()
+    if rank == 0:
+        with atomic_path(os.path.join(checkpoint_dir, f"meta_{step:06d}.json")) as tmp, open(tmp, "w") as f:
+            json.dump(meta_data, f, indent=2)
+        logger.info(f"Saved checkpoint step {step} to {checkpoint_dir}")
+    if keep_last > 0:
+        _barrier()
+        for old in sorted(list_steps(checkpoint_dir))[:-keep_last]:
+            own = [f"optim_{old:06d}_rank{rank}.pt", f"state_{old:06d}_rank{rank}.pt"]
+            if rank == 0:  # the meta goes first so a half-deleted step never looks complete
+                own = [f"meta_{old:06d}.json", f"model_{old:06d}.pt"] + own
+            for name in own:
+                path = os.path.join(checkpoint_dir, name)
+                if os.path.exists(path):
+                    os.remove(path)
+
+
+def list_steps(checkpoint_dir):
+    """Steps with both a model file and a meta file (a meta is written last)."""
+    steps = []
+    for path in glob.glob(os.path.join(checkpoint_dir, "model_*.pt")):
+        m = re.search(r"model_(\d+)\.pt$", path)
+        if m and os.path.exists(os.path.join(checkpoint_dir, f"meta_{int(m.group(1)):06d}.json")):
+            steps.append(int(m.group(1)))
+    return steps
+
+
+def find_last_step(checkpoint_dir):
+    steps = list_steps(checkpoint_dir)
+    if not steps:
+        raise NanochatError(f"no complete checkpoint in {checkpoint_dir}; train one first or check --model-tag.")
+    return max(steps)
+
+
+def find_largest_model(checkpoints_root):
+    """The tag to load when none is given: the largest d<N>, else the most recently modified."""
+    if not os.path.isdir(checkpoints_root):
+        raise NanochatError(f"no checkpoints in {checkpoints_root}; train a model first.")
+    tags = [t for t in os.listdir(checkpoints_root) if os.path.isdir(os.path.join(checkpoints_root, t))]
+    if not tags:
+        raise NanochatError(f"no checkpoints in {checkpoints_root}; train a model first.")
+    depth_tags = [(int(m.group(1)), t) for t in tags if (m := re.fullmatch(r"d(\d+)", t))]
+    if depth_tags:
+        return max(depth_tags)[1]
+    return max(tags, key=lambda t: os.path.getmtime(os.path.join(checkpoints_root, t)))
+
+
+def _load(path, device):
+    try:
+        return torch.load(path, map_location=device, weights_only=True)
+    except FileNotFoundError:
+        raise NanochatError(f"{path} is missing.") from None
+    except Exception as e:
+        raise NanochatError(f"{path} is unreadable or truncated ({type(e).__name__}); delete that step or resume from another.") from None
+
+
+def load_checkpoint(checkpoint_dir, step, device, load_optimizer=False, rank=0, load_state=False):
+    """(model_data, optimizer_data or None, meta[, extra_state or None])."""
+    meta_path = os.path.join(checkpoint_dir, f"meta_{step:06d}.json")
+    if not os.path.exists(meta_path):
+        raise NanochatError(f"no checkpoint for step {step} in {checkpoint_dir} (no {os.path.basename(meta_path)}).")
+    with open(meta_path) as f:
+        meta = json.load(f)
+    model_data = _load(os.path.join(checkpoint_dir, f"model_{step:06d}.pt"), device)
+    optimizer_data = None
+    if load_optimizer:
+        optimizer_data = _load(os.path.join(checkpoint_dir, f"optim_{step:06d}_rank{rank}.pt"), device)
+    if load_state:
+        path = os.path.join(checkpoint_dir, f"state_{step:06d}_rank{rank}.pt")
+        extra = _load(path, "cpu") if os.path.exists(path) else None
+        return model_data, optimizer_data, meta, extra
+    return model_data, optimizer_data, meta
+
+
+def _patch_model_config(config):
+    """Older checkpoints predate some fields (SPEC §12.2)."""
+    config = dict(config)
+    config.setdefault("window_pattern", "L")
+    return config
+
+
+def _patch_state_dict(model_data, model):
+    """Strip torch.compile's prefix; fill parameters older checkpoints lack with their neutral values."""
+    model_data = {k.removeprefix("_orig_mod."): v for k, v in model_data.items()}
+    n_layer = model.config.n_layer
+    defaults = {
+        "resid_lambdas": lambda: torch.ones(n_layer),
+        "x0_lambdas": lambda: torch.zeros(n_layer),
+    }
+    for key, make in defaults.items():
+        if key not in model_data and key in model.state_dict():
+            model_data[key] = make()
+    return model_data
+
+
+def build_model(checkpoint_dir, step, device, phase, tokenizer=None):
+    """Rebuild the model of a checkpoint: (model, tokenizer, meta). phase is "train" or "eval"."""
+    from nanochat.gpt import GPT, GPTConfig
+    from nanochat.tokenizer import get_tokenizer
+
+    if phase not in ("train", "eval"):
+        raise ValueError(f"phase must be 'train' or 'eval', not {phase!r}")
+    device = torch.device(device)
+    model_data, _, meta = load_checkpoint(checkpoint_dir, step, device)
+    if device.type in ("cpu", "mps"):  # bf16 weights from a GPU run: compute in fp32 here
+        model_data = {k: v.float() if v.dtype == torch.bfloat16 else v for k, v in model_data.items()}
+    config = GPTConfig(**_patch_model_config(meta["model_config"]))
+    with torch.device("meta"):
+        model = GPT(config)
+    model.to_empty(device=device)
+    model.init_weights()  # rotary buffers are not in the state dict
+    model_data = _patch_state_dict(model_data, model)
+    try:
+        model.load_state_dict(model_data, strict=True, assign=True)
+    except RuntimeError as e:
+        raise NanochatError(f"the checkpoint in {checkpoint_dir} does not fit its model config ({str(e).splitlines()[0]}).") from None
+    model.train() if phase == "train" else model.eval()
+    tokenizer = tokenizer or get_tokenizer()
+    if tokenizer.get_vocab_size() != config.vocab_size:
+        raise NanochatError(f"the tokenizer has {tokenizer.get_vocab_size()} tokens but the model expects "
+                            f"{config.vocab_size}; use the tokenizer the model was trained with.")
+    return model, tokenizer, meta
+
+
+def resolve_checkpoint(source, model_tag=None, step=None):
+    """(checkpoint_dir, step) for a source, defaulting to the largest tag and its last step."""
+    root = get_checkpoints_root(source)
+    model_tag = model_tag or find_largest_model(root)
+    checkpoint_dir = os.path.join(root, model_tag)
+    if not os.path.isdir(checkpoint_dir):
+        raise NanochatError(f"no checkpoints for model tag {model_tag!r} in {root}.")
+    if step is None or step < 0:
+        step = find_last_step(checkpoint_dir)
+    return checkpoint_dir, step
+
+
+def load_model(source, device, phase, model_tag=None, step=None):
+    """(model, tokenizer, meta) for source in {base, sft, rl}."""
+    checkpoint_dir, step = resolve_checkpoint(source, model_tag, step)
+    logger.info(f"Loading {source} model from {checkpoint_dir} at step {step}")
+    return build_model(checkpoint_dir, step, device, phase)
+
+
+def load_optimizer_state(source, device, rank, model_tag=None, step=None):
+    """This rank's optimizer shard, or None (with a log line) when the file is missing."""
+    checkpoint_dir, step = resolve_checkpoint(source, model_tag, step)
+    path = os.path.join(checkpoint_dir, f"optim_{step:06d}_rank{rank}.pt")
+    if not os.path.exists(path):
+        logger.info(f"no optimizer state at {path}; starting the optimizer fresh")
+        return None
+    return _load(path, device)

@@ -1,0 +1,607 @@
+"""The GPT model (SPEC §1): config, modules, initialization, forward with an optional KV
+cache, FLOP and parameter accounting, optimizer parameter groups, and a naive sampler.
+
+Shape of the network, in forward order (SPEC §1.5):
+    token embedding -> RMSNorm -> smear -> x0
+    per layer i: x = resid_lambdas[i]*x + x0_lambdas[i]*x0; x += attn(norm(x)); x += mlp(norm(x))
+    backout (subtract a mid-network snapshot) -> RMSNorm -> lm_head -> softcap 15 (fp32) -> loss
+
+The model is built on the meta device by its callers, then materialized:
+
+    with torch.device("meta"):
+        model = GPT(config)
+    model.to_empty(device=device)
+    model.init_weights()
+
+Parameter names match upstream nanochat's state dict, so upstream checkpoints load as is.
+Precision is explicit (no autocast): Linear weights are fp32 masters cast to the activation
+dtype in forward; embeddings are stored in COMPUTE_DTYPE (fp32 when that is fp16).
+"""
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from nanochat.attention import flash_attn_func, flash_attn_with_kvcache
+from nanochat.common import COMPUTE_DTYPE, NanochatError
+
+
+@dataclass
+class GPTConfig:
+    sequence_len: int = 2048
+    vocab_size: int = 32768
+    n_layer: int = 12
+    n_head: int = 6  # query heads
+    n_kv_head: int = 6  # key/value heads (GQA when fewer than n_head)
+    n_embd: int = 768
+    window_pattern: str = "SSSL"  # tiled over layers; the last layer is always L (SPEC §1.7)
+
+
+ROPE_BASE = 100_000  # SPEC §1.4: 1e5, not 1e4
+QK_SCALE = 1.2  # q and k are each multiplied by 1.2 after QK-norm (SPEC §1.3 step 5)
+VE_GATE_CHANNELS = 12  # the value-embedding gate reads the first 12 channels (SPEC §1.3 step 2)
+SMEAR_CHANNELS = 24  # the smear gate reads the first 24 channels (SPEC §1.5 step 2)
+SOFTCAP = 15.0  # logit softcap (SPEC §1.5 step 6; LOG.md's 20 was never in the code)
+
+
+def norm(x):
+    """RMSNorm over the last dim with no learnable weight (SPEC §1.3)."""
+    return F.rms_norm(x, (x.size(-1),))
+
+
+def has_ve(layer_idx, n_layer):
+    """Value embeddings on alternating layers, the last one always included (SPEC §1.6)."""
+    return layer_idx % 2 == (n_layer - 1) % 2
+
+
+def apply_rotary_emb(x, cos, sin):
+    """Half-split RoPE on (B, T, H, D); cos/sin are (1, T, 1, D/2). Note the sign: this rotates
+    by -theta (y1 = x1 cos + x2 sin, y2 = x2 cos - x1 sin), as upstream does; kept for checkpoint
+    compatibility (SPEC §1.4)."""
+    if torch.compiler.is_compiling():  # inductor fuses the plain ops; the hand-fused version is for eager
+        d = x.size(3) // 2
+        x1, x2 = x[..., :d], x[..., d:]
+        return torch.cat((x1 * cos + x2 * sin, x2 * cos - x1 * sin), dim=3)
+    return _Rotary.apply(x, cos, sin)
+
+
+def relu_squared(x):
+    """ReLU^2 activation (SPEC §1.3)."""
+    if torch.compiler.is_compiling():
+        return F.relu(x).square()
+    return _ReluSquared.apply(x)
+
+
+def _rotate(x, cos, sin, sign):
+    """Write the rotation of x by sign*(-theta) into a fresh tensor, half by half with fused
+    multiply-adds (no concatenation, no temporaries)."""
+    d = x.size(-1) // 2
+    x1, x2 = x[..., :d], x[..., d:]
+    y = torch.empty_like(x)
+    y1, y2 = y[..., :d], y[..., d:]
+    torch.mul(x1, cos, out=y1).addcmul_(x2, sin, value=sign)
+    torch.mul(x2, cos, out=y2).addcmul_(x1, sin, value=-sign)
+    return y
+
+
+class _Rotary(torch.autograd.Function):
+    # RoPE is an orthogonal map per position, so its backward is the opposite rotation.
+    @staticmethod
+    def forward(ctx, x, cos, sin):
+        cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+        ctx.save_for_backward(cos, sin)
+        return _rotate(x, cos, sin, 1.0)
+
+    @staticmethod
+    def backward(ctx, grad):
+        cos, sin = ctx.saved_tensors
+        return _rotate(grad, cos, sin, -1.0), None, None
+
+
+class _ReluSquared(torch.autograd.Function):
+    # relu(x)^2 in one pass forward; backward 2*relu(x)*g without autograd's intermediates.
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return F.relu(x).square_()
+
+    @staticmethod
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        return x.relu().mul_(2.0).mul_(grad)
+
+
+class SoftcapCrossEntropy(torch.autograd.Function):
+    """Fused lm_head matmul + softcap + cross-entropy, chunked over rows so the (N, V) logits
+    are never materialized: each chunk's logits stay in cache while they are capped, reduced
+    and turned into gradients. Same math as
+        F.cross_entropy(softcap * tanh((h @ W.T).float() / softcap), targets, ignore_index=-1)
+    For 'mean'/'sum' the upstream gradient is a scalar, so the gradients are computed in the
+    forward pass (one sweep instead of two); for 'none' they are recomputed in backward."""
+
+    @staticmethod
+    def forward(ctx, h, weight, targets, softcap, reduction, chunk_rows):
+        N = h.size(0)
+        chunks = _LossChunks(h, weight, targets, softcap, chunk_rows)
+        losses = torch.empty(N, dtype=torch.float32, device=h.device)
+        need_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
+        precompute = need_grad and reduction != "none"
+        if precompute:
+            grad_h = torch.empty_like(h)
+            grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=h.device)
+        for s in range(0, N, chunk_rows):
+            e = min(s + chunk_rows, N)
+            sig, sumexp = chunks.forward(s, e)
+            # loss = logsumexp(capped) - capped[target]; the two -softcap offsets cancel
+            picked = sig.gather(1, chunks.targets[s:e]).squeeze(1) * (2.0 * softcap)
+            losses[s:e] = torch.where(chunks.valid[s:e], sumexp.log() - picked, 0.0)
+            if precompute:
+                chunks.backward(s, e, sumexp, None, grad_h, grad_w)
+        if reduction == "none":
+            out, scale = losses, None
+        elif reduction == "sum":
+            out, scale = losses.sum(), 1.0
+        elif reduction == "mean":
+            count = chunks.valid.sum()
+            out, scale = losses.sum() / count, 1.0 / count  # all ignored -> nan, like F.cross_entropy
+        else:
+            raise ValueError(f"unknown loss_reduction {reduction!r}; use 'mean', 'sum' or 'none'")
+        ctx.softcap, ctx.chunk_rows, ctx.scale, ctx.weight_dtype = softcap, chunk_rows, scale, weight.dtype
+        ctx.precompute = precompute
+        if precompute:
+            ctx.save_for_backward(grad_h, grad_w)
+        elif need_grad:
+            ctx.save_for_backward(h, weight, targets)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        if ctx.precompute:
+            grad_h, grad_w = ctx.saved_tensors
+            g = grad_out * ctx.scale
+            return grad_h * g.to(grad_h.dtype), (grad_w * g).to(ctx.weight_dtype), None, None, None, None
+        h, weight, targets = ctx.saved_tensors
+        chunks = _LossChunks(h, weight, targets, ctx.softcap, ctx.chunk_rows)
+        grad_h = torch.empty_like(h)
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=h.device)
+        for s in range(0, h.size(0), ctx.chunk_rows):
+            e = min(s + ctx.chunk_rows, h.size(0))
+            _, sumexp = chunks.forward(s, e)
+            chunks.backward(s, e, sumexp, grad_out[s:e], grad_h, grad_w)
+        return grad_h, grad_w.to(weight.dtype), None, None, None, None
+
+
+class _LossChunks:
+    """Buffers and per-chunk math for SoftcapCrossEntropy. The buffers are allocated once per
+    call and reused by every chunk (fresh large tensors cost page faults on CPU).
+
+    softcap*tanh(z/softcap) is computed as 2*softcap*sig - softcap with sig = sigmoid(2z/softcap)
+    (torch's CPU sigmoid is several times faster than its tanh). The capped logits are bounded
+    by the softcap, so exp needs no max-subtraction: logsumexp(capped) = log(sum exp(2*softcap*sig)) - softcap."""
+
+    def __init__(self, h, weight, targets, softcap, rows):
+        rows = min(rows, h.size(0))
+        V, device = weight.size(0), h.device
+        self.h, self.w, self.softcap = h, weight.to(h.dtype), softcap
+        self.valid = targets != -1
+        self.targets = targets.clamp(min=0).unsqueeze(1)
+        self.sig = torch.empty(rows, V, device=device)  # fp32, like upstream's .float() logits
+        self.exp = torch.empty(rows, V, device=device)
+        self.low = h.dtype != torch.float32  # bf16/fp16 activations: matmuls in that dtype
+        if self.low:
+            # dz of several chunks is gathered in low precision so that grad_w is accumulated
+            # into fp32 once per group of rows (~16 MB of dz) rather than once per chunk
+            self.group_rows = max(1, (16 << 20) // (2 * V) // rows) * rows
+            self.dz_low = torch.empty(self.group_rows, V, dtype=h.dtype, device=device)
+            self.gw_low = torch.empty(weight.shape, dtype=h.dtype, device=device)
+            self.z_low = torch.empty(rows, V, dtype=h.dtype, device=device)
+
+    def forward(self, s, e):
+        """sig = sigmoid(2z/softcap) into self.sig, exp(2*softcap*sig) into self.exp; returns (sig, row sums)."""
+        n = e - s
+        sig, ex = self.sig[:n], self.exp[:n]
+        if self.low:
+            torch.mm(self.h[s:e], self.w.t(), out=self.z_low[:n])
+            torch.mul(self.z_low[:n], 2.0 / self.softcap, out=sig)
+        else:
+            torch.addmm(sig, self.h[s:e], self.w.t(), beta=0, alpha=2.0 / self.softcap, out=sig)  # scaled in the GEMM
+        sig.sigmoid_()
+        torch.mul(sig, 2.0 * self.softcap, out=ex).exp_()
+        return sig, ex.sum(dim=1)
+
+    def backward(self, s, e, sumexp, row_grad, grad_h, grad_w):
+        """dz = (softmax - onehot) * (1 - tanh^2) [* row_grad], with 1 - tanh^2 = 4 sig (1 - sig);
+        then grad_h[s:e] = dz @ W and grad_w += dz^T @ h. Consumes the chunk's buffers."""
+        n = e - s
+        sig, valid = self.sig[:n], self.valid[s:e]
+        row_scale = valid / sumexp
+        if row_grad is not None:
+            row_scale = row_scale * row_grad
+        dz = self.exp[:n].mul_(row_scale.unsqueeze(1))  # softmax (x row_grad); ignored rows become 0
+        dz.scatter_add_(1, self.targets[s:e], -(valid * (1.0 if row_grad is None else row_grad)).to(dz.dtype).unsqueeze(1))
+        sig.addcmul_(sig, sig, value=-1.0)  # sig - sig^2
+        dz.mul_(sig).mul_(4.0)
+        if self.low:
+            g0 = s - s % self.group_rows  # first row of this chunk's group
+            dz = self.dz_low[s - g0:e - g0].copy_(dz)
+            if e - g0 == self.group_rows or e == self.h.size(0):  # group complete: fold it into grad_w
+                torch.mm(self.dz_low[:e - g0].t(), self.h[g0:e], out=self.gw_low)
+                grad_w += self.gw_low
+        else:
+            grad_w.addmm_(dz.t(), self.h[s:e])
+        torch.mm(dz, self.w, out=grad_h[s:e])
+
+
+LOSS_CHUNK_ELEMENTS = 1 << 20  # logits per chunk (4 MB in fp32: stays in cache)
+
+
+@torch.compiler.disable  # eager by design: a loop of cache-sized chunks, not a graph to fuse
+def softcap_cross_entropy(h, weight, targets, reduction="mean", softcap=SOFTCAP):
+    """Cross-entropy (ignore_index=-1) of softcap*tanh((h @ weight.T)/softcap) without
+    materializing the logits. h (N, d), weight (V, d) already sliced to the real vocab, targets (N,)."""
+    chunk_rows = max(1, LOSS_CHUNK_ELEMENTS // weight.size(0))
+    return SoftcapCrossEntropy.apply(h, weight, targets, softcap, reduction, chunk_rows)
+
+
+class Linear(nn.Linear):
+    """A bias-free Linear whose fp32 master weight is cast to the input's dtype (replaces autocast)."""
+
+    def __init__(self, in_features, out_features, bias=False, device=None, dtype=None):
+        assert not bias, "nanochat has no biases"
+        super().__init__(in_features, out_features, bias=False, device=device, dtype=dtype)
+
+    def forward(self, x):
+        return F.linear(x, self.weight.to(dtype=x.dtype))
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config, layer_idx):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.n_head = config.n_head
+        self.n_kv_head = config.n_kv_head
+        self.head_dim = config.n_embd // config.n_head
+        d, hd = config.n_embd, self.head_dim
+        self.c_q = Linear(d, self.n_head * hd)
+        self.c_k = Linear(d, self.n_kv_head * hd)
+        self.c_v = Linear(d, self.n_kv_head * hd)
+        self.c_proj = Linear(d, d)
+        self.ve_gate = Linear(VE_GATE_CHANNELS, self.n_kv_head) if has_ve(layer_idx, config.n_layer) else None
+
+    def forward(self, x, ve, cos, sin, window_size, kv_cache):
+        B, T, C = x.shape
+        H, Hkv, D = self.n_head, self.n_kv_head, self.head_dim
+        # SPEC §1.3: project; add the gated value embedding; RoPE; QK-norm; x1.2; attend; project.
+        q = self.c_q(x).view(B, T, H, D)
+        k = self.c_k(x).view(B, T, Hkv, D)
+        v = self.c_v(x).view(B, T, Hkv, D)
+        if ve is not None:
+            gate = 3 * torch.sigmoid(self.ve_gate(x[..., :VE_GATE_CHANNELS]))  # (B, T, Hkv) in (0, 3)
+            v = v + gate.unsqueeze(-1) * ve.view(B, T, Hkv, D)
+        q = norm(apply_rotary_emb(q, cos, sin)) * QK_SCALE
+        k = norm(apply_rotary_emb(k, cos, sin)) * QK_SCALE
+        if kv_cache is None:
+            y = flash_attn_func(q, k, v, causal=True, window_size=window_size)
+        else:
+            k_cache, v_cache = kv_cache.get_layer_cache(self.layer_idx)
+            y = flash_attn_with_kvcache(q, k_cache, v_cache, k=k, v=v, cache_seqlens=kv_cache.cache_seqlens,
+                                        causal=True, window_size=window_size)
+        return self.c_proj(y.reshape(B, T, C))
+
+
+class MLP(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.c_fc = Linear(config.n_embd, 4 * config.n_embd)
+        self.c_proj = Linear(4 * config.n_embd, config.n_embd)
+
+    def forward(self, x):
+        return self.c_proj(relu_squared(self.c_fc(x)))
+
+
+class Block(nn.Module):
+    def __init__(self, config, layer_idx):
+        super().__init__()
+        self.attn = CausalSelfAttention(config, layer_idx)
+        self.mlp = MLP(config)
+
+    def forward(self, x, ve, cos, sin, window_size, kv_cache):
+        x = x + self.attn(norm(x), ve, cos, sin, window_size, kv_cache)
+        x = x + self.mlp(norm(x))
+        return x
+
+
+def _check_config(config):
+    if config.n_embd % config.n_head != 0:
+        raise NanochatError(f"n_embd={config.n_embd} is not a multiple of n_head={config.n_head}; pick a width divisible by the head count.")
+    if config.n_head % config.n_kv_head != 0:
+        raise NanochatError(f"n_head={config.n_head} is not a multiple of n_kv_head={config.n_kv_head}; GQA needs whole groups.")
+    if (config.n_embd // config.n_head) % 2 != 0:
+        raise NanochatError(f"head dim {config.n_embd // config.n_head} is odd; RoPE needs an even head dim.")
+    if not config.window_pattern or any(c not in "SL" for c in config.window_pattern.upper()):
+        raise NanochatError(f"window pattern {config.window_pattern!r} must be made of the letters S and L, e.g. SSSL or L.")
+
+
+def compute_window_sizes(config):
+    """Per-layer (left, right) windows (SPEC §1.7): L = sequence_len (not unlimited), S = a quarter
+    of it rounded up to a multiple of 128; the pattern is tiled and the last layer forced to L."""
+    long_window = config.sequence_len
+    short_window = -(-config.sequence_len // (4 * 128)) * 128  # ceil(seq/4/128)*128: 2048 -> 512
+    pattern = config.window_pattern.upper()
+    sizes = [((long_window if pattern[i % len(pattern)] == "L" else short_window), 0) for i in range(config.n_layer)]
+    sizes[-1] = (long_window, 0)
+    return sizes
+
+
+class GPT(nn.Module):
+    def __init__(self, config, pad_vocab_size_to=64):
+        super().__init__()
+        _check_config(config)
+        self.config = config
+        # vocab padded to a multiple of 64 for wte, lm_head and the VE tables; logits are sliced back (SPEC §1.8)
+        padded_vocab = -(-config.vocab_size // pad_vocab_size_to) * pad_vocab_size_to
+        self.padded_vocab_size = padded_vocab
+        head_dim = config.n_embd // config.n_head
+        kv_dim = config.n_kv_head * head_dim
+        self.transformer = nn.ModuleDict({
+            "wte": nn.Embedding(padded_vocab, config.n_embd),
+            "h": nn.ModuleList([Block(config, i) for i in range(config.n_layer)]),
+        })
+        self.lm_head = Linear(config.n_embd, padded_vocab)  # untied from wte
+        # per-layer residual scalars; placeholder values, real ones in init_weights()
+        self.resid_lambdas = nn.Parameter(torch.ones(config.n_layer))
+        self.x0_lambdas = nn.Parameter(torch.zeros(config.n_layer))
+        # smear (cheap bigram mixing) and backout; 1-element parameters, shape (1,) as upstream
+        self.smear_gate = Linear(SMEAR_CHANNELS, 1)
+        self.smear_lambda = nn.Parameter(torch.zeros(1))
+        self.backout_lambda = nn.Parameter(torch.full((1,), 0.2))
+        self.value_embeds = nn.ModuleDict({
+            str(i): nn.Embedding(padded_vocab, kv_dim) for i in range(config.n_layer) if has_ve(i, config.n_layer)
+        })
+        self.window_sizes = compute_window_sizes(config)
+        # RoPE tables for 10x the training length (SPEC §1.4); not saved in checkpoints
+        self.rotary_seq_len = 10 * config.sequence_len
+        cos, sin = self._precompute_rotary(self.rotary_seq_len, head_dim)
+        self.register_buffer("cos", cos, persistent=False)
+        self.register_buffer("sin", sin, persistent=False)
+        # trade compute for memory: recompute each block in backward (set by the training script)
+        self.activation_checkpointing = False
+        # loss head: True = chunked fused softcap+CE (fast on CPU, no (N, V) logits in memory);
+        # False = plain ops (what torch.compile fuses well on CUDA); None = fused except on CUDA
+        self.fused_loss = None
+
+    def _precompute_rotary(self, seq_len, head_dim, base=ROPE_BASE, device=None):
+        """cos/sin of position * base^(-2i/head_dim), computed in fp32, stored in COMPUTE_DTYPE,
+        shaped (1, seq_len, 1, head_dim/2) to broadcast over (B, T, H, D/2)."""
+        channel = torch.arange(0, head_dim, 2, dtype=torch.float32, device=device)
+        inv_freq = 1.0 / (base ** (channel / head_dim))
+        t = torch.arange(seq_len, dtype=torch.float32, device=device)
+        freqs = torch.outer(t, inv_freq)
+        cos, sin = freqs.cos().to(COMPUTE_DTYPE), freqs.sin().to(COMPUTE_DTYPE)
+        return cos[None, :, None, :], sin[None, :, None, :]
+
+    @torch.no_grad()
+    def init_weights(self):
+        """Real initialization after to_empty() (SPEC §1.9)."""
+        cfg = self.config
+        nn.init.normal_(self.transformer.wte.weight, mean=0.0, std=0.8)
+        nn.init.normal_(self.lm_head.weight, mean=0.0, std=0.001)
+        s = 3**0.5 * cfg.n_embd**-0.5  # uniform(-s, s) has std 1/sqrt(d)
+        for block in self.transformer.h:
+            nn.init.uniform_(block.attn.c_q.weight, -s, s)
+            nn.init.uniform_(block.attn.c_k.weight, -s, s)
+            nn.init.uniform_(block.attn.c_v.weight, -s, s)
+            nn.init.zeros_(block.attn.c_proj.weight)
+            nn.init.uniform_(block.mlp.c_fc.weight, -0.4 * s, 0.4 * s)
+            nn.init.zeros_(block.mlp.c_proj.weight)
+            if block.attn.ve_gate is not None:
+                nn.init.uniform_(block.attn.ve_gate.weight, 0.0, 0.02)
+        ramp = torch.arange(cfg.n_layer, dtype=torch.float32) / max(cfg.n_layer - 1, 1)
+        self.resid_lambdas.copy_(1.15 - 0.10 * ramp)
+        self.x0_lambdas.copy_(0.20 - 0.15 * ramp)
+        for table in self.value_embeds.values():
+            nn.init.uniform_(table.weight, -s, s)
+        # head's fix: mar left these three uninitialized after to_empty()
+        self.smear_lambda.fill_(0.0)
+        self.backout_lambda.fill_(0.2)
+        nn.init.uniform_(self.smear_gate.weight, 0.0, 0.02)
+        device = self.transformer.wte.weight.device
+        cos, sin = self._precompute_rotary(self.rotary_seq_len, cfg.n_embd // cfg.n_head, device=device)
+        self.cos, self.sin = cos, sin
+        # embeddings live in the compute dtype to save memory, except fp16 (GradScaler can't unscale fp16 grads)
+        if COMPUTE_DTYPE != torch.float16:
+            self.transformer.wte.to(dtype=COMPUTE_DTYPE)
+            for table in self.value_embeds.values():
+                table.to(dtype=COMPUTE_DTYPE)
+
+    def get_device(self):
+        return self.transformer.wte.weight.device
+
+    # -------------------------------------------------------------------------
+    # forward
+
+    def _smear(self, x, prev):
+        """x_t += smear_lambda * sigmoid(smear_gate(x_t[:24])) * x_{t-1} (SPEC §1.5 step 2).
+        `prev` is the previous chunk's last embedding (KV-cache decode); without it position 0
+        is left unchanged."""
+        lam = self.smear_lambda.to(x.dtype)
+        if prev is None:
+            if x.size(1) == 1:
+                return x
+            gate = lam * torch.sigmoid(self.smear_gate(x[:, 1:, :SMEAR_CHANNELS]))
+            return torch.cat((x[:, :1], x[:, 1:] + gate * x[:, :-1]), dim=1)
+        shifted = torch.cat((prev.to(x.dtype), x[:, :-1]), dim=1)
+        gate = lam * torch.sigmoid(self.smear_gate(x[..., :SMEAR_CHANNELS]))
+        return x + gate * shifted
+
+    def forward(self, idx, targets=None, kv_cache=None, loss_reduction="mean"):
+        """idx (B, T) token ids. Without targets: fp32 softcapped logits (B, T, vocab_size). With
+        targets (-1 = ignore): the cross-entropy, reduced by 'mean' | 'sum' | 'none' (per token,
+        flattened to (B*T,)). With a KV cache: positions continue from the cache, new keys/values
+        are written into it, and it is advanced by T at the end."""
+        B, T = idx.shape
+        pos = 0 if kv_cache is None else kv_cache.get_pos()
+        assert pos + T <= self.cos.size(1), f"sequence of {pos + T} exceeds the rotary cache of {self.cos.size(1)}"
+        cos, sin = self.cos[:, pos:pos + T], self.sin[:, pos:pos + T]
+
+        x = norm(self.transformer.wte(idx).to(COMPUTE_DTYPE))
+        if kv_cache is None:
+            x = self._smear(x, None)
+        else:
+            prev = kv_cache.prev_embedding
+            kv_cache.prev_embedding = x[:, -1:].clone()  # the *pre-smear* embedding of the last position
+            x = self._smear(x, prev)
+        x0 = x  # captured after smear (SPEC §18.3)
+
+        checkpointing = self.activation_checkpointing and kv_cache is None and torch.is_grad_enabled()
+        backout_at = self.config.n_layer // 2
+        x_mid = None
+        for i, block in enumerate(self.transformer.h):
+            x = self.resid_lambdas[i] * x + self.x0_lambdas[i] * x0  # before every block, block 0 included
+            key = str(i)
+            ve = self.value_embeds[key](idx).to(x.dtype) if key in self.value_embeds else None
+            if checkpointing:
+                x = checkpoint(block, x, ve, cos, sin, self.window_sizes[i], None, use_reentrant=False)
+            else:
+                x = block(x, ve, cos, sin, self.window_sizes[i], kv_cache)
+            if i == backout_at:
+                x_mid = x
+        if kv_cache is not None:
+            kv_cache.advance(T)  # only after the last layer has written its keys/values
+        x = x - self.backout_lambda.to(x.dtype) * x_mid
+        x = norm(x)
+
+        # lm_head -> slice off the vocab padding -> fp32 -> softcap 15 (SPEC §1.5 step 6); slicing the
+        # weight instead of the logits skips the padded rows' matmul, same numbers
+        weight = self.lm_head.weight[:self.config.vocab_size]
+        use_fused = self.fused_loss if self.fused_loss is not None else not x.is_cuda
+        if targets is not None and use_fused:
+            return softcap_cross_entropy(x.reshape(-1, x.size(-1)), weight, targets.reshape(-1), loss_reduction)
+        logits = F.linear(x, weight.to(x.dtype)).float()
+        logits = SOFTCAP * torch.tanh(logits / SOFTCAP)
+        if targets is None:
+            return logits
+        return F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1,
+                               reduction=loss_reduction)
+
+    # -------------------------------------------------------------------------
+    # accounting (SPEC §1.10)
+
+    def _matmul_params(self):
+        """N_matmul: weights of every Linear (head's structural definition; includes smear_gate)."""
+        return sum(m.weight.numel() for m in self.modules() if isinstance(m, nn.Linear))
+
+    def _attn_width(self):
+        return self.config.n_head * (self.config.n_embd // self.config.n_head)
+
+    def estimate_flops(self):
+        """Training FLOPs per token (forward + backward): 6*N_matmul plus attention's
+        12*H*hd*min(window, T) per layer, T = sequence_len."""
+        T = self.config.sequence_len
+        attn = sum(12 * self._attn_width() * min(w if w >= 0 else T, T) for w, _ in self.window_sizes)
+        return 6 * self._matmul_params() + attn
+
+    def num_scaling_params(self):
+        """Parameter counts by role. The scaling-law count is transformer_matrices + lm_head."""
+        counts = {
+            "wte": self.transformer.wte.weight.numel(),
+            "value_embeds": sum(p.numel() for p in self.value_embeds.parameters()),
+            "lm_head": self.lm_head.weight.numel(),
+            "transformer_matrices": sum(p.numel() for p in self.transformer.h.parameters()),
+            "scalars": (self.resid_lambdas.numel() + self.x0_lambdas.numel() + self.smear_gate.weight.numel()
+                        + self.smear_lambda.numel() + self.backout_lambda.numel()),
+        }
+        counts["total"] = sum(p.numel() for p in self.parameters())
+        assert counts["total"] == sum(v for k, v in counts.items() if k != "total"), "parameter accounting is incomplete"
+        return counts
+
+    def decode_flops(self, context):
+        """FLOPs to decode one token at `context` cached positions: 2*N_matmul + 4*H*hd*min(ctx, window) per layer."""
+        attn = sum(4 * self._attn_width() * min(context, w if w >= 0 else context) for w, _ in self.window_sizes)
+        return 2 * self._matmul_params() + attn
+
+    def prefill_flops(self, num_tokens):
+        """FLOPs to prefill `num_tokens` from an empty cache: token t attends to min(t, window) keys."""
+        attn = 0
+        for w, _ in self.window_sizes:
+            w = num_tokens if w < 0 else w
+            m = min(num_tokens, w)  # ramp 1..m, then flat at w
+            keys = m * (m + 1) // 2 + (num_tokens - m) * w
+            attn += 4 * self._attn_width() * keys
+        return 2 * self._matmul_params() * num_tokens + attn
+
+    def kv_bytes_per_token(self, dtype=COMPUTE_DTYPE):
+        """Bytes of KV cache one token occupies: n_layer * 2 * n_kv_head * hd * itemsize."""
+        hd = self.config.n_embd // self.config.n_head
+        return self.config.n_layer * 2 * self.config.n_kv_head * hd * torch.empty((), dtype=dtype).element_size()
+
+    def kv_bytes_read(self, context, dtype=COMPUTE_DTYPE):
+        """KV cache bytes one decode step reads at `context` cached positions (windows respected)."""
+        per_pos = self.kv_bytes_per_token(dtype) // self.config.n_layer
+        return sum(per_pos * min(context, w if w >= 0 else context) for w, _ in self.window_sizes)
+
+    # -------------------------------------------------------------------------
+    # optimizer (SPEC §1.11)
+
+    def param_groups(self, unembedding_lr=0.004, embedding_lr=0.2, matrix_lr=0.02, weight_decay=0.0, scalar_lr=0.5):
+        """The MuonAdamW parameter groups, each a dict tagged kind='adamw' or 'muon'."""
+        dscale = (self.config.n_embd / 768) ** -0.5  # only on the three embedding-like AdamW groups
+
+        def adamw(params, lr, betas, wd):
+            return {"kind": "adamw", "params": params, "lr": lr, "betas": betas, "eps": 1e-10, "weight_decay": wd}
+
+        groups = [
+            adamw([self.lm_head.weight], unembedding_lr * dscale, (0.8, 0.96), 0.01),
+            adamw([self.transformer.wte.weight], embedding_lr * dscale, (0.8, 0.995), 0.001),
+            adamw(list(self.value_embeds.parameters()), embedding_lr * dscale * 0.5, (0.8, 0.995), 0.01),
+            adamw([self.resid_lambdas], scalar_lr * 0.01, (0.8, 0.95), 0.05),
+            adamw([self.x0_lambdas], scalar_lr, (0.96, 0.95), 0.0),
+            # fixed LR 0.2, deliberately not scaled by anything the caller passes
+            adamw([self.smear_gate.weight, self.smear_lambda, self.backout_lambda], 0.2, (0.8, 0.95), 0.0),
+        ]
+        # every matrix under the blocks (ve_gate included) goes to Muon, one group per shape, shapes sorted
+        matrices = list(self.transformer.h.parameters())
+        for shape in sorted({tuple(p.shape) for p in matrices}):
+            groups.append({"kind": "muon", "params": [p for p in matrices if tuple(p.shape) == shape],
+                           "lr": matrix_lr, "momentum": 0.95, "ns_steps": 5, "beta2": 0.9,
+                           "weight_decay": weight_decay})
+        grouped = [p for g in groups for p in g["params"]]
+        assert len(grouped) == len(list(self.parameters())) and len({id(p) for p in grouped}) == len(grouped)
+        for g in groups:
+            g["initial_lr"] = g["lr"]  # schedules multiply initial_lr
+        return groups
+
+    def setup_optimizer(self, unembedding_lr=0.004, embedding_lr=0.2, matrix_lr=0.02, weight_decay=0.0, scalar_lr=0.5):
+        from nanochat.optim import MuonAdamW
+        return MuonAdamW(self.param_groups(unembedding_lr, embedding_lr, matrix_lr, weight_decay, scalar_lr))
+
+    # -------------------------------------------------------------------------
+    # reference sampler (SPEC §1.12)
+
+    @torch.inference_mode()
+    def generate(self, tokens, max_tokens, temperature=1.0, top_k=None, seed=42):
+        """Naive batch-1 sampling without a KV cache (re-runs the whole sequence each step);
+        yields token ids. Only used to cross-check the Engine."""
+        assert isinstance(tokens, list)
+        device = self.get_device()
+        rng = None
+        if temperature > 0:
+            rng = torch.Generator(device=device)
+            rng.manual_seed(seed)
+        ids = torch.tensor([tokens], dtype=torch.long, device=device)
+        for _ in range(max_tokens):
+            logits = self.forward(ids)[:, -1, :]
+            if top_k is not None and top_k > 0:
+                v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
+                logits[logits < v[:, [-1]]] = -float("inf")
+            if temperature > 0:
+                probs = F.softmax(logits / temperature, dim=-1)
+                next_id = torch.multinomial(probs, num_samples=1, generator=rng)
+            else:
+                next_id = torch.argmax(logits, dim=-1, keepdim=True)
+            ids = torch.cat((ids, next_id), dim=1)
+            yield next_id.item()
+

@@ -1,0 +1,34 @@
+"""Bits per byte (SPEC §7.1): a loss that does not depend on the tokenizer's vocabulary, so
+models with different tokenizers can be compared."""
+
+import math
+
+import torch
+import torch.distributed as dist
+
+
+@torch.no_grad()
+def evaluate_bpb(model, batches, steps, token_bytes):
+    """Sum the per-token loss (nats) and the UTF-8 bytes of the target tokens over `steps`
+    batches of (inputs, targets[, ...]) and return nats / (ln 2 * bytes), summed over ranks.
+    Special tokens have 0 bytes in token_bytes and targets < 0 are ignored: neither counts."""
+    device = token_bytes.device
+    total_nats = torch.zeros((), dtype=torch.float64, device=device)
+    total_bytes = torch.zeros((), dtype=torch.int64, device=device)
+    batch_iter = iter(batches)
+    for _ in range(steps):
+        x, y = next(batch_iter)[:2]
+        loss = model(x, y, loss_reduction="none").view(-1).to(torch.float64)
+        y = y.reshape(-1)
+        valid = y >= 0
+        num_bytes = torch.where(valid, token_bytes[y.clamp(min=0)], torch.zeros_like(y, dtype=token_bytes.dtype))
+        counted = num_bytes > 0
+        total_nats += (loss * counted).sum().to(device)
+        total_bytes += num_bytes.sum().to(device, torch.int64)
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(total_nats, op=dist.ReduceOp.SUM)
+        dist.all_reduce(total_bytes, op=dist.ReduceOp.SUM)
+    total_bytes = total_bytes.item()
+    if total_bytes == 0:
+        return float("inf")
+    return total_nats.item() / (math.log(2) * total_bytes)

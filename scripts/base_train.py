@@ -1,0 +1,481 @@
+"""Pretrain the base model (SPEC §4). One dial, --depth, sizes the model; the horizon, batch
+size, learning rates and weight decay follow from it (SPEC §4.3).
+
+    python -m scripts.base_train --depth=4 --max-seq-len=256 --device-batch-size=8 --total-batch-size=4096
+    torchrun --standalone --nproc_per_node=8 -m scripts.base_train -- --depth=24
+    # several nodes: torchrun --nnodes=2 --nproc_per_node=8 --rdzv-backend=c10d --rdzv-endpoint=HOST:29500 -m scripts.base_train -- ...
+
+Interrupt it (Ctrl-C, or SIGTERM from a scheduler) and it saves a checkpoint at the end of the
+current step; --resume-from-step=-1 continues from the latest one, exactly.
+"""
+
+import os
+
+os.environ.setdefault("PYTORCH_ALLOC_CONF", "expandable_segments:True")
+
+import argparse  # noqa: E402
+import gc  # noqa: E402
+import json  # noqa: E402
+import math  # noqa: E402
+import random  # noqa: E402
+import signal  # noqa: E402
+import time  # noqa: E402
+
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+
+from nanochat.checkpoint import find_last_step, get_checkpoints_root, load_checkpoint, save_checkpoint  # noqa: E402
+from nanochat.common import (  # noqa: E402
+    COMPUTE_DTYPE,
+    DummyWandb,
+    NanochatError,
+    compute_cleanup,
+    compute_init,
+    get_peak_flops,
+    logger,
+    measure_matmul_flops,
+    print0,
+    run_main,
+)
+from nanochat.dataloader import tokenizing_distributed_data_loader_with_state_bos_bestfit as make_loader  # noqa: E402
+from nanochat.gpt import GPT, GPTConfig  # noqa: E402
+from nanochat.loss_eval import evaluate_bpb  # noqa: E402
+from nanochat.optim import lr_multiplier, muon_momentum, muon_weight_decay  # noqa: E402
+from nanochat.tokenizer import get_token_bytes, get_tokenizer  # noqa: E402
+
+SAMPLE_PROMPTS = [
+    "The capital of France is",
+    "The chemical symbol of gold is",
+    "If yesterday was Friday, then tomorrow will be",
+    "The opposite of hot is",
+    "The planets of the solar system are:",
+    "My favorite color is",
+    "If 5*x + 3 = 13, then x is",
+]
+
+B_REF = 2**19  # the d12 reference batch in tokens (SPEC §4.3)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--run", default="dummy", help="wandb run name ('dummy' disables wandb)")
+    p.add_argument("--device-type", default="", help="cuda|cpu|mps (empty: autodetect)")
+    p.add_argument("--fp8", action="store_true", help="FP8 training (CUDA only)")
+    p.add_argument("--fp8-recipe", default="tensorwise", choices=["rowwise", "tensorwise"])
+    # model
+    p.add_argument("--depth", type=int, default=20)
+    p.add_argument("--aspect-ratio", type=int, default=64, help="model_dim = depth * aspect_ratio, rounded up to head_dim")
+    p.add_argument("--head-dim", type=int, default=128)
+    p.add_argument("--max-seq-len", type=int, default=2048)
+    p.add_argument("--window-pattern", default="SSSL", help="S = quarter-context window, L = full; last layer is always L")
+    # horizon (first one set wins)
+    p.add_argument("--num-iterations", type=int, default=-1)
+    p.add_argument("--target-flops", type=float, default=-1.0)
+    p.add_argument("--target-param-data-ratio", type=float, default=12, help="tokens per scaling parameter")
+    # batch
+    p.add_argument("--device-batch-size", type=int, default=32, help="rows per rank per micro-batch")
+    p.add_argument("--total-batch-size", type=int, default=-1, help="tokens per optimizer step (-1: from the depth)")
+    # optimization
+    p.add_argument("--embedding-lr", type=float, default=0.3)
+    p.add_argument("--unembedding-lr", type=float, default=0.008)
+    p.add_argument("--weight-decay", type=float, default=0.28, help="Muon cautious weight decay at the d12 reference")
+    p.add_argument("--matrix-lr", type=float, default=0.02)
+    p.add_argument("--scalar-lr", type=float, default=0.5)
+    p.add_argument("--warmup-steps", type=int, default=40)
+    p.add_argument("--warmdown-ratio", type=float, default=0.65)
+    p.add_argument("--final-lr-frac", type=float, default=0.05)
+    # resume and checkpoints
+    p.add_argument("--resume-from-step", type=int, default=None, help="step to resume from; -1 = the latest checkpoint")
+    p.add_argument("--save-every", type=int, default=-1, help="checkpoint cadence in steps (-1: only at the end)")
+    p.add_argument("--keep-last", type=int, default=-1, help="keep only the last K checkpoints (-1: all)")
+    p.add_argument("--model-tag", default=None, help="checkpoint directory name (default d<depth>)")
+    # evaluation
+    p.add_argument("--eval-every", type=int, default=250, help="val bpb cadence (-1: off)")
+    p.add_argument("--eval-tokens", type=int, default=80 * 524288)
+    p.add_argument("--core-metric-every", type=int, default=2000, help="-1: off")
+    p.add_argument("--core-metric-max-per-task", type=int, default=500)
+    p.add_argument("--sample-every", type=int, default=2000, help="-1: off")
+    # ours
+    p.add_argument("--data-dir", default=None, help="folder of parquet shards (default: NANOCHAT_DATA_DIR or the downloaded ones)")
+    p.add_argument("--compile", type=int, default=1, help="torch.compile the model (1) or not (0)")
+    p.add_argument("--activation-checkpointing", action="store_true", help="recompute blocks in backward: less memory, ~30%% more compute")
+    p.add_argument("--peak-flops", type=float, default=-1.0, help="device peak FLOP/s for MFU (default: GPU table, measured on CPU)")
+    return p.parse_args(argv)
+
+
+def config_for(args, depth, vocab_size):
+    """The GPTConfig --depth stands for (SPEC §1.2): width rounded up to whole heads."""
+    model_dim = math.ceil(depth * args.aspect_ratio / args.head_dim) * args.head_dim
+    n_head = model_dim // args.head_dim
+    return GPTConfig(sequence_len=args.max_seq_len, vocab_size=vocab_size, n_layer=depth, n_head=n_head,
+                     n_kv_head=n_head, n_embd=model_dim, window_pattern=args.window_pattern)
+
+
+def scaling_params(config):
+    with torch.device("meta"):
+        counts = GPT(config).num_scaling_params()
+    return counts["transformer_matrices"] + counts["lm_head"]
+
+
+class StopRequest:
+    """SIGTERM/SIGINT ask the loop to checkpoint at the end of the current step and exit."""
+
+    def __init__(self):
+        self.signum = None
+        for s in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(s, self._handle)
+
+    def _handle(self, signum, frame):
+        if self.signum is not None:  # a second signal: stop now
+            raise KeyboardInterrupt
+        self.signum = signum
+        print0(f"\nreceived {signal.Signals(signum).name}: saving a checkpoint at the end of this step")
+
+    def requested(self, device, ddp):
+        flag = torch.tensor(1 if self.signum is not None else 0, device=device)
+        if ddp:  # every rank stops at the same step
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+
+def rng_state(device):
+    state = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def set_rng_state(state, device):
+    random.setstate(state["python"])
+    torch.set_rng_state(state["torch"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def append_log(path, record):
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def truncate_log(path, before_step):
+    """On resume, forget log lines of the steps about to be redone."""
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        lines = [ln for ln in f if ln.strip() and json.loads(ln).get("step", 0) < before_step]
+    with open(path + ".tmp", "w") as f:
+        f.writelines(lines)
+    os.replace(path + ".tmp", path)
+
+
+@torch.no_grad()
+def sample(model, tokenizer, device, max_tokens=16):
+    """Greedy continuations of the fixed prompts: a cheap look at what the model knows."""
+    for prompt in SAMPLE_PROMPTS:
+        ids = tokenizer.encode(prompt, prepend=tokenizer.get_bos_token_id())
+        out = list(model.generate(ids, max_tokens=max_tokens, temperature=0))
+        print0(f"  {tokenizer.decode(ids[1:] + out)!r}")
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    user_config = dict(vars(args))
+    ddp, rank, local_rank, world_size, device = compute_init(args.device_type)
+    master = rank == 0
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+
+    # precision / kernels notes
+    from nanochat import attention
+    print0(f"COMPUTE_DTYPE: {COMPUTE_DTYPE}; attention backend: {attention.BACKEND}")
+    if "S" in args.window_pattern.upper() and attention.BACKEND == "sdpa":
+        print0("warning: sliding windows run as a dense masked SDPA here, which is slow; "
+               "consider --window-pattern=L on this device")
+    if args.fp8:
+        if device.type != "cuda":
+            print0("warning: --fp8 needs CUDA; training in the compute dtype instead")
+            args.fp8 = False
+        else:
+            raise NanochatError("--fp8 is not implemented in this version; train without it.")
+    if args.run != "dummy" and master:
+        try:
+            import wandb
+        except ImportError:
+            raise NanochatError("--run needs wandb: `pip install wandb`, or use --run=dummy.") from None
+        wandb_run = wandb.init(project="nanochat", name=args.run, config=user_config)
+    else:
+        wandb_run = DummyWandb()
+
+    # tokenizer
+    tokenizer = get_tokenizer()
+    token_bytes = get_token_bytes(device=device)
+    vocab_size = tokenizer.get_vocab_size()
+    print0(f"Vocab size: {vocab_size:,}")
+
+    # model
+    config = config_for(args, args.depth, vocab_size)
+    with torch.device("meta"):
+        model = GPT(config)
+    model.to_empty(device=device)
+    model.init_weights()
+    model.activation_checkpointing = args.activation_checkpointing
+    counts = model.num_scaling_params()
+    print0(f"Model config: {json.dumps(config.__dict__)}")
+    print0("Parameter counts: " + ", ".join(f"{k}: {v:,}" for k, v in counts.items()))
+    flops_per_token = model.estimate_flops()
+    print0(f"Estimated FLOPs per token: {flops_per_token:e}")
+
+    # horizon, batch size, LR and weight decay from the one dial (SPEC §4.3)
+    n_scaling = counts["transformer_matrices"] + counts["lm_head"]
+    target_tokens = int(args.target_param_data_ratio * n_scaling)
+    d_ref = args.target_param_data_ratio * scaling_params(config_for(args, 12, vocab_size))
+    total_batch_size = args.total_batch_size
+    if total_batch_size <= 0:
+        if args.target_param_data_ratio <= 0:
+            raise NanochatError("--total-batch-size=-1 needs --target-param-data-ratio > 0 to derive the batch size.")
+        total_batch_size = 2 ** round(math.log2(B_REF * (target_tokens / d_ref) ** 0.383))
+        print0(f"Auto total batch size: {total_batch_size:,} tokens")
+    batch_lr_scale = math.sqrt(total_batch_size / B_REF)
+    wd_scaled = args.weight_decay * batch_lr_scale * (d_ref / target_tokens) if target_tokens > 0 else args.weight_decay
+    if args.num_iterations > 0:
+        num_iterations = args.num_iterations
+    elif args.target_flops > 0:
+        num_iterations = round(args.target_flops / (flops_per_token * total_batch_size))
+    elif args.target_param_data_ratio > 0:
+        num_iterations = target_tokens // total_batch_size
+    else:
+        raise NanochatError("no horizon: set --num-iterations, --target-flops or --target-param-data-ratio.")
+    if num_iterations <= 0:
+        raise NanochatError(f"the horizon is {num_iterations} steps; raise --num-iterations or the data ratio.")
+    total_tokens = total_batch_size * num_iterations
+    print0(f"Iterations: {num_iterations:,}; total tokens: {total_tokens:,}; tokens per scaling param: "
+           f"{total_tokens / n_scaling:.2f}; total FLOPs: {flops_per_token * total_tokens:e}")
+    print0(f"LR scale (batch): {batch_lr_scale:.4f}; Muon weight decay: {wd_scaled:.6f}")
+
+    tokens_per_micro = args.device_batch_size * args.max_seq_len
+    if total_batch_size % (tokens_per_micro * world_size) != 0:
+        raise NanochatError(
+            f"--total-batch-size={total_batch_size} is not divisible by device_batch_size*max_seq_len*world_size "
+            f"= {args.device_batch_size}*{args.max_seq_len}*{world_size} = {tokens_per_micro * world_size}; "
+            f"change one of them.")
+    grad_accum_steps = total_batch_size // (tokens_per_micro * world_size)
+    print0(f"Tokens per micro-batch per rank: {tokens_per_micro:,}; gradient accumulation steps: {grad_accum_steps}")
+
+    optimizer = model.setup_optimizer(
+        unembedding_lr=args.unembedding_lr * batch_lr_scale, embedding_lr=args.embedding_lr * batch_lr_scale,
+        matrix_lr=args.matrix_lr * batch_lr_scale, weight_decay=wd_scaled, scalar_lr=args.scalar_lr * batch_lr_scale)
+
+    # resume
+    model_tag = args.model_tag or f"d{args.depth}"
+    checkpoint_dir = os.path.join(get_checkpoints_root("base"), model_tag)
+    log_path = os.path.join(checkpoint_dir, "train_log.jsonl")
+    step, loop_state, loader_state, extra = 0, {}, None, None
+    if args.resume_from_step is not None:
+        resume_step = find_last_step(checkpoint_dir) if args.resume_from_step < 0 else args.resume_from_step
+        model_data, optim_data, meta, extra = load_checkpoint(checkpoint_dir, resume_step, device, load_optimizer=True,
+                                                              rank=rank, load_state=True)
+        saved_world = meta.get("world_size", world_size)
+        if saved_world != world_size:
+            raise NanochatError(f"the checkpoint was written by {saved_world} processes but this run has {world_size}; "
+                                f"resume with the same number of processes.")
+        if meta["model_config"] != config.__dict__:
+            raise NanochatError(f"the checkpoint's model config {meta['model_config']} differs from this run's; "
+                                f"pass the same --depth/--head-dim/--max-seq-len/--window-pattern.")
+        model.load_state_dict({k.removeprefix("_orig_mod."): v for k, v in model_data.items()}, strict=True, assign=True)
+        optimizer.load_state_dict(optim_data)
+        del model_data, optim_data
+        step = meta["step"]
+        loop_state = meta.get("loop_state", {})
+        loader_state = extra["loader"] if extra and "loader" in extra else meta.get("dataloader_state_dict")
+        if extra and "rng" in extra:
+            set_rng_state(extra["rng"], device)
+        if master:
+            truncate_log(log_path, step)
+        print0(f"Resumed from step {step} of {checkpoint_dir}")
+
+    orig_model = model
+    if args.compile:
+        model = torch.compile(model, dynamic=False)
+
+    # data
+    train_loader = make_loader(tokenizer, args.device_batch_size, args.max_seq_len, split="train", device=device,
+                               resume_state_dict=loader_state, data_dir=args.data_dir)
+
+    def build_val_loader():
+        return make_loader(tokenizer, args.device_batch_size, args.max_seq_len, split="val", device=device,
+                           data_dir=args.data_dir)
+
+    x, y, next_loader_state = next(train_loader)
+    # the position after the last batch trained on: resuming from it yields the current batch again
+    trained_loader_state = loader_state
+
+    # MFU denominator
+    if args.peak_flops > 0:
+        peak_flops = args.peak_flops
+    elif device.type == "cuda":
+        peak_flops = get_peak_flops(torch.cuda.get_device_name(device))
+    else:
+        peak_flops = measure_matmul_flops(device, COMPUTE_DTYPE)
+        print0(f"Measured {device.type} matmul rate ({COMPUTE_DTYPE}): {peak_flops / 1e9:.1f} GFLOP/s (the MFU denominator)")
+
+    min_val_bpb = loop_state.get("min_val_bpb", float("inf"))
+    smooth_train_loss = loop_state.get("smooth_train_loss", 0.0)
+    total_training_time = loop_state.get("total_training_time", 0.0)
+    val_bpb = None
+    stop = StopRequest()
+    resume_step = step
+    ema_beta = 0.9
+    scaler = torch.amp.GradScaler() if COMPUTE_DTYPE == torch.float16 else None
+    if master:
+        os.makedirs(checkpoint_dir, exist_ok=True)
+
+    while True:
+        last_step = step == num_iterations
+        flops_so_far = flops_per_token * total_batch_size * step
+
+        if args.eval_every > 0 and (last_step or step % args.eval_every == 0):
+            model.eval()
+            eval_steps = max(1, args.eval_tokens // (tokens_per_micro * world_size))
+            val_bpb = evaluate_bpb(model, build_val_loader(), eval_steps, token_bytes)
+            min_val_bpb = min(min_val_bpb, val_bpb)
+            print0(f"Step {step:05d} | Validation bpb: {val_bpb:.6f}")
+            wandb_run.log({"step": step, "total_training_flops": flops_so_far, "val/bpb": val_bpb})
+            if master:
+                append_log(log_path, {"step": step, "val_bpb": val_bpb})
+            model.train()
+
+        if args.core_metric_every > 0 and (last_step or (step > 0 and step % args.core_metric_every == 0)):
+            try:
+                from nanochat.core_eval import evaluate_model
+            except ImportError:
+                evaluate_model = None
+            if evaluate_model is None:
+                print0("note: the CORE metric is not available in this version; skipping it")
+            else:
+                orig_model.eval()
+                core = evaluate_model(orig_model, tokenizer, device, max_per_task=args.core_metric_max_per_task)
+                print0(f"Step {step:05d} | CORE metric: {core['core_metric']:.4f}")
+                wandb_run.log({"step": step, "core_metric": core["core_metric"]})
+                if master:
+                    append_log(log_path, {"step": step, "core_metric": core["core_metric"]})
+                orig_model.train()
+
+        if master and args.sample_every > 0 and (last_step or (step > 0 and step % args.sample_every == 0)):
+            orig_model.eval()
+            sample(orig_model, tokenizer, device)
+            orig_model.train()
+
+        stop_now = stop.requested(device, ddp) and step > resume_step
+        save_now = last_step or stop_now or (
+            args.save_every > 0 and step > 0 and step % args.save_every == 0 and step != resume_step)
+        if save_now:
+            save_checkpoint(
+                checkpoint_dir, step, orig_model.state_dict(), optimizer.state_dict(),
+                {
+                    "step": step,
+                    "val_bpb": val_bpb,
+                    "model_config": config.__dict__,
+                    "user_config": user_config,
+                    "device_batch_size": args.device_batch_size,
+                    "max_seq_len": args.max_seq_len,
+                    "total_batch_size": total_batch_size,
+                    "world_size": world_size,
+                    "dataloader_state_dict": trained_loader_state,
+                    "loop_state": {"min_val_bpb": min_val_bpb, "smooth_train_loss": smooth_train_loss,
+                                   "total_training_time": total_training_time},
+                },
+                rank=rank, extra_state={"loader": trained_loader_state, "rng": rng_state(device)},
+                keep_last=args.keep_last,
+            )
+        if last_step:
+            break
+        if stop_now:
+            print0(f"Stopped at step {step}; resume with --resume-from-step=-1")
+            compute_cleanup()
+            raise SystemExit(128 + stop.signum)
+
+        # ---- one optimizer step ----
+        sync()
+        t0 = time.time()
+        loss_sum = torch.zeros((), device=device, dtype=torch.float32)
+        for _ in range(grad_accum_steps):
+            loss = model(x, y)
+            loss_sum += loss.detach().float()
+            loss = loss / grad_accum_steps
+            (scaler.scale(loss) if scaler else loss).backward()
+            trained_loader_state = next_loader_state
+            x, y, next_loader_state = next(train_loader)  # prefetch while the device works
+        lrm = lr_multiplier(step, num_iterations, args.warmup_steps, args.warmdown_ratio, args.final_lr_frac)
+        momentum = muon_momentum(step, num_iterations, args.warmdown_ratio)
+        muon_wd = muon_weight_decay(step, num_iterations, wd_scaled)
+        for group in optimizer.param_groups:
+            group["lr"] = group["initial_lr"] * lrm
+            if group["kind"] == "muon":
+                group["momentum"] = momentum
+                group["weight_decay"] = muon_wd
+        if scaler:
+            scaler.unscale_(optimizer)
+            if ddp:  # every rank must agree on skipping the step
+                for found_inf in scaler._found_inf_per_device(optimizer).values():
+                    dist.all_reduce(found_inf, op=dist.ReduceOp.MAX)
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            optimizer.step()
+        model.zero_grad(set_to_none=True)
+        train_loss = loss_sum / grad_accum_steps
+        if ddp:
+            dist.all_reduce(train_loss, op=dist.ReduceOp.AVG if device.type == "cuda" else dist.ReduceOp.SUM)
+            if device.type != "cuda":
+                train_loss /= world_size
+        train_loss = train_loss.item()
+        sync()
+        dt = time.time() - t0
+
+        # ---- logging ----
+        smooth_train_loss = ema_beta * smooth_train_loss + (1 - ema_beta) * train_loss
+        debiased = smooth_train_loss / (1 - ema_beta ** (step + 1))
+        tok_per_sec = int(total_batch_size / dt)
+        flops_per_sec = flops_per_token * total_batch_size / dt
+        mfu = 100 * flops_per_sec / (peak_flops * world_size) if math.isfinite(peak_flops) else None
+        if step > 10:
+            total_training_time += dt
+        done = step + 1 - resume_step
+        eta_min = (num_iterations - step - 1) * (total_training_time / max(1, done - 11)) / 60 if done > 11 else float("nan")
+        epoch = next_loader_state.get("epoch", "?") if isinstance(next_loader_state, dict) else "?"
+        mfu_text = f"{mfu:.2f}" if mfu is not None else "n/a"
+        print0(f"step {step:05d}/{num_iterations:05d} ({100 * step / num_iterations:.2f}%) | loss: {debiased:.6f} | "
+               f"lrm: {lrm:.2f} | dt: {dt * 1000:.2f}ms | tok/sec: {tok_per_sec:,} | mfu: {mfu_text} | "
+               f"epoch: {epoch} | total time: {total_training_time / 60:.2f}m | eta: {eta_min:.1f}m")
+        if master:
+            append_log(log_path, {"step": step, "loss": train_loss, "smooth_loss": debiased, "lrm": lrm, "dt": dt,
+                                  "tok_per_sec": tok_per_sec, "mfu": mfu})
+        if step % 100 == 0:
+            wandb_run.log({"step": step, "total_training_flops": flops_so_far, "total_training_time": total_training_time,
+                           "train/loss": debiased, "train/lrm": lrm, "train/dt": dt, "train/tok_per_sec": tok_per_sec,
+                           "train/mfu": mfu, "train/epoch": epoch})
+        step += 1
+        # after the first step: freeze what exists so the collector never walks it again
+        if step == resume_step + 1:
+            gc.collect()
+            gc.freeze()
+            gc.disable()
+        elif step % 5000 == 0:
+            gc.collect()
+
+    peak_mem = torch.cuda.max_memory_allocated() / 1024**2 if device.type == "cuda" else float("nan")
+    print0(f"Peak memory usage: {peak_mem:.2f}MiB")
+    print0(f"Total training time: {total_training_time / 60:.2f}m")
+    print0(f"Minimum validation bpb: {min_val_bpb:.6f}")
+    print0(json.dumps({"base_train": {
+        "depth": args.depth, "model_tag": model_tag, "steps": num_iterations, "total_batch_size": total_batch_size,
+        "total_tokens": total_tokens, "scaling_params": n_scaling, "total_params": counts["total"],
+        "flops_per_token": flops_per_token, "total_flops": flops_per_token * total_tokens,
+        "min_val_bpb": min_val_bpb, "final_val_bpb": val_bpb, "training_time_s": total_training_time,
+        "checkpoint_dir": checkpoint_dir}}))
+    wandb_run.finish()
+    compute_cleanup()
+    logger.debug("done")
+
+
+if __name__ == "__main__":
+    run_main(main)
