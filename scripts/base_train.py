@@ -29,10 +29,10 @@ from nanochat.common import (  # noqa: E402
     COMPUTE_DTYPE,
     DummyWandb,
     NanochatError,
+    atomic_path,
     compute_cleanup,
     compute_init,
     get_peak_flops,
-    logger,
     measure_matmul_flops,
     print0,
     run_main,
@@ -163,9 +163,8 @@ def truncate_log(path, before_step):
         return
     with open(path) as f:
         lines = [ln for ln in f if ln.strip() and json.loads(ln).get("step", 0) < before_step]
-    with open(path + ".tmp", "w") as f:
+    with atomic_path(path) as tmp, open(tmp, "w") as f:
         f.writelines(lines)
-    os.replace(path + ".tmp", path)
 
 
 @torch.no_grad()
@@ -474,7 +473,6 @@ def main(argv=None):
         "checkpoint_dir": checkpoint_dir}}))
     wandb_run.finish()
     compute_cleanup()
-    logger.debug("done")
 
 
 if __name__ == "__main__":
