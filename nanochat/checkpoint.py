@@ -13,6 +13,7 @@ A step counts as saved once its meta file exists: every other file is written be
 import glob
 import json
 import os
+import random
 import re
 
 import torch
@@ -201,3 +202,34 @@ def load_optimizer_state(source, device, rank, model_tag=None, step=None):
         logger.info(f"no optimizer state at {path}; starting the optimizer fresh")
         return None
     return _load(path, device)
+
+
+# ---- resume helpers shared by the training scripts ----
+
+def rng_state(device):
+    state = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def set_rng_state(state, device):
+    random.setstate(state["python"])
+    torch.set_rng_state(state["torch"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def append_log(path, record):
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def truncate_log(path, before_step):
+    """On resume, forget log lines of the steps about to be redone."""
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        lines = [ln for ln in f if ln.strip() and json.loads(ln).get("step", 0) < before_step]
+    with atomic_path(path) as tmp, open(tmp, "w") as f:
+        f.writelines(lines)

@@ -5,6 +5,7 @@ import contextlib
 import logging
 import os
 import shutil
+import signal
 import sys
 import tempfile
 import time
@@ -333,3 +334,24 @@ def measure_matmul_flops(device, dtype=torch.float32, size=1024, seconds=0.3, tr
         sync()
         best = max(best, 2 * size**3 * n / (time.perf_counter() - t0))
     return best
+
+
+class StopRequest:
+    """SIGTERM/SIGINT ask the loop to checkpoint at the end of the current step and exit."""
+
+    def __init__(self):
+        self.signum = None
+        for s in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(s, self._handle)
+
+    def _handle(self, signum, frame):
+        if self.signum is not None:  # a second signal: stop now
+            raise KeyboardInterrupt
+        self.signum = signum
+        print0(f"\nreceived {signal.Signals(signum).name}: saving a checkpoint at the end of this step")
+
+    def requested(self, device, ddp):
+        flag = torch.tensor(1 if self.signum is not None else 0, device=device)
+        if ddp:  # every rank stops at the same step
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())

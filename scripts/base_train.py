@@ -17,19 +17,26 @@ import argparse  # noqa: E402
 import gc  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
-import random  # noqa: E402
-import signal  # noqa: E402
 import time  # noqa: E402
 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
-from nanochat.checkpoint import find_last_step, get_checkpoints_root, load_checkpoint, save_checkpoint  # noqa: E402
+from nanochat.checkpoint import (  # noqa: E402
+    append_log,
+    find_last_step,
+    get_checkpoints_root,
+    load_checkpoint,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+    truncate_log,
+)
 from nanochat.common import (  # noqa: E402
     COMPUTE_DTYPE,
     DummyWandb,
     NanochatError,
-    atomic_path,
+    StopRequest,
     compute_cleanup,
     compute_init,
     get_peak_flops,
@@ -115,56 +122,6 @@ def scaling_params(config):
     with torch.device("meta"):
         counts = GPT(config).num_scaling_params()
     return counts["transformer_matrices"] + counts["lm_head"]
-
-
-class StopRequest:
-    """SIGTERM/SIGINT ask the loop to checkpoint at the end of the current step and exit."""
-
-    def __init__(self):
-        self.signum = None
-        for s in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(s, self._handle)
-
-    def _handle(self, signum, frame):
-        if self.signum is not None:  # a second signal: stop now
-            raise KeyboardInterrupt
-        self.signum = signum
-        print0(f"\nreceived {signal.Signals(signum).name}: saving a checkpoint at the end of this step")
-
-    def requested(self, device, ddp):
-        flag = torch.tensor(1 if self.signum is not None else 0, device=device)
-        if ddp:  # every rank stops at the same step
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
-
-
-def rng_state(device):
-    state = {"python": random.getstate(), "torch": torch.get_rng_state()}
-    if device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state(device)
-    return state
-
-
-def set_rng_state(state, device):
-    random.setstate(state["python"])
-    torch.set_rng_state(state["torch"])
-    if device.type == "cuda" and "cuda" in state:
-        torch.cuda.set_rng_state(state["cuda"], device)
-
-
-def append_log(path, record):
-    with open(path, "a") as f:
-        f.write(json.dumps(record) + "\n")
-
-
-def truncate_log(path, before_step):
-    """On resume, forget log lines of the steps about to be redone."""
-    if not os.path.exists(path):
-        return
-    with open(path) as f:
-        lines = [ln for ln in f if ln.strip() and json.loads(ln).get("step", 0) < before_step]
-    with atomic_path(path) as tmp, open(tmp, "w") as f:
-        f.writelines(lines)
 
 
 @torch.no_grad()
