@@ -8,6 +8,7 @@ import argparse
 import json
 
 from nanochat.common import print0, run_main
+from nanochat.report import get_report
 from nanochat.tokenizer import Tokenizer, get_tokenizer
 
 NEWS = """The city council voted on Tuesday to expand the bicycle lane network along the river, a
@@ -112,7 +113,12 @@ def main():
             line += f" {100 * (base - results['ours'][name][1]) / base:+8.1f}%"
         print0(line)
     print0("(vs X: how many fewer tokens ours needs than X; positive is better)")
-    print0(json.dumps({"tok_eval": {k: {n: round(b / t, 4) for n, (b, t) in v.items()} for k, v in results.items()}}))
+    ratios = {k: {n: round(b / t, 4) for n, (b, t) in v.items()} for k, v in results.items()}
+    get_report().log(section="Tokenizer evaluation", data=[
+        f"Bytes per token on each text (higher is better):\n\n| text | {' | '.join(tokenizers)} |\n"
+        f"|---|{'---|' * len(tokenizers)}\n"
+        + "".join(f"| {name} | {' | '.join(f'{ratios[k][name]:.2f}' for k in tokenizers)} |\n" for name in texts)])
+    print0(json.dumps({"tok_eval": ratios}))
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ import time
 from tqdm import tqdm
 
 from nanochat.common import NanochatError, print0, run_main
+from nanochat.report import get_report
 from nanochat.tokenizer import DEFAULT_VOCAB_SIZE, Tokenizer, get_tokenizer_dir
 
 SANITY_TEXT = "Hello world! 12345 1,000,000 — naïve café, 你好世界, 안녕하세요, Привет 🎉🚀 <|bos|> tabs\tand\nnewlines"
@@ -85,8 +86,12 @@ def main():
     ratio = len(sample.encode("utf-8")) / max(1, len(tokenizer.encode(sample))) if sample else float("nan")
     print0(f"Compression on {sample_source}: {ratio:.3f} bytes/token; token bytes min {int(regular.min())} "
            f"max {int(regular.max())} mean {regular.mean():.3f} std {regular.std():.3f}")
-    print0(json.dumps({"tok_train": {"vocab_size": args.vocab_size, "chars": chars, "train_time_s": round(train_time, 3),
-                                     "bytes_per_token": round(ratio, 4), "tokenizer_dir": out_dir}}))
+    summary = {"vocab_size": args.vocab_size, "chars": chars, "train_time_s": round(train_time, 3),
+               "bytes_per_token": round(ratio, 4), "tokenizer_dir": out_dir}
+    get_report().log(section="Tokenizer training", data=[vars(args), summary, {
+        "token_bytes_min": int(regular.min()), "token_bytes_max": int(regular.max()),
+        "token_bytes_mean": regular.mean().item(), "token_bytes_std": regular.std().item()}])
+    print0(json.dumps({"tok_train": summary}))
 
 
 if __name__ == "__main__":
