@@ -1,0 +1,75 @@
+"""Serve the chat page and the OpenAI-compatible API (SPEC §11.2).
+
+    python -m scripts.chat_web                       # http://127.0.0.1:8000, sft model, one worker
+    python -m scripts.chat_web -n 8 --host 0.0.0.0 --api-key "$KEY" --max-batch 16
+
+Loads one model + Engine per GPU and hands them to nanochat.server.create_app; routes, limits and
+the worker pool are documented there.
+"""
+
+import argparse
+import os
+
+from nanochat.common import NanochatError, logger, run_main
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description="nanochat web chat and OpenAI-compatible API server")
+    p.add_argument("-n", "--num-gpus", type=int, default=1, help="workers: one model replica per GPU")
+    p.add_argument("-i", "--source", default="sft", choices=["base", "sft", "rl"], help="which checkpoints to load")
+    p.add_argument("-t", "--temperature", type=float, default=0.8, help="default sampling temperature")
+    p.add_argument("-k", "--top-k", type=int, default=50, help="default top-k (0 = off)")
+    p.add_argument("-m", "--max-tokens", type=int, default=512, help="default max new tokens per reply")
+    p.add_argument("-g", "--model-tag", default=None, help="model tag to load (default: the largest)")
+    p.add_argument("-s", "--step", type=int, default=None, help="checkpoint step (default: the last)")
+    p.add_argument("-p", "--port", type=int, default=8000)
+    p.add_argument("--host", default="127.0.0.1", help="bind address; 0.0.0.0 exposes the server to the network")
+    p.add_argument("--device-type", default="", choices=["", "cuda", "cpu", "mps"], help="default: autodetect")
+    p.add_argument("--max-batch", type=int, default=8,
+                   help="rows decoded together when requests arrive together (needs Engine.generate_multi)")
+    p.add_argument("--max-queue", type=int, default=64, help="waiting requests before answering 429")
+    p.add_argument("--request-timeout", type=float, default=300.0, help="seconds per request, queue included (0 = none)")
+    p.add_argument("--api-key", default=os.environ.get("NANOCHAT_API_KEY") or None,
+                   help="require 'Authorization: Bearer KEY' on the API routes (default: $NANOCHAT_API_KEY)")
+    p.add_argument("--cors-origin", action="append", default=[],
+                   help="allow cross-origin requests from this origin (repeatable; '*' for any); off by default")
+    p.add_argument("--log-conversations", action="store_true",
+                   help="also log every conversation and reply (default: one metadata line per request)")
+    args = p.parse_args(argv)
+    checks = [
+        (args.num_gpus >= 1, "--num-gpus must be at least 1."),
+        (0 <= args.temperature <= 2, "--temperature must be between 0 and 2."),
+        (0 <= args.top_k <= 200, "--top-k must be between 0 and 200."),
+        (1 <= args.max_tokens <= 4096, "--max-tokens must be between 1 and 4096."),
+        (0 < args.port < 65536, "--port must be between 1 and 65535."),
+        (args.max_batch >= 1, "--max-batch must be at least 1."),
+        (args.max_queue >= 0, "--max-queue must be 0 or more."),
+        (args.request_timeout >= 0, "--request-timeout must be 0 (none) or more seconds."),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise NanochatError(message)
+    return args
+
+
+def main(argv=None):
+    import uvicorn
+
+    from nanochat.server import create_app, load_engines
+
+    args = parse_args(argv)
+    engines, tokenizer, devices, model_name = load_engines(args.num_gpus, args.source, args.device_type,
+                                                           args.model_tag, args.step)
+    app = create_app(engines, tokenizer, model_name=model_name, devices=devices, temperature=args.temperature,
+                     top_k=args.top_k, max_tokens=args.max_tokens, max_batch=args.max_batch,
+                     max_queue=args.max_queue, request_timeout=args.request_timeout or None, api_key=args.api_key,
+                     cors_origins=args.cors_origin, log_conversations=args.log_conversations)
+    if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
+        logger.warning(f"serving on {args.host} without --api-key: anyone who can reach this port can use the model")
+    logger.info(f"serving {model_name} on {len(engines)} worker(s) at http://{args.host}:{args.port}")
+    # access_log off: the server logs its own single line per request (id, tokens, latency)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="info", access_log=False)
+
+
+if __name__ == "__main__":
+    run_main(main)
