@@ -1,0 +1,723 @@
+"""Supervised finetuning (SPEC §9.2): teach the base model the chat format on a mixture of
+conversations, training only on what the assistant writes (SPEC §6.3).
+
+    python -m scripts.chat_sft                                   # the full mixture, sizes inherited from the base run
+    python -m scripts.chat_sft --mixture=my_chats.jsonl --num-iterations=200 --device-type=cpu
+    torchrun --standalone --nproc_per_node=8 -m scripts.chat_sft -- --run=sft
+
+Mixture (mar): SmolTalk train, identity conversations x2, MMLU auxiliary_train x3, GSM8K x4,
+SimpleSpelling 200K, SpellingBee 80K; validation: SmolTalk test, MMLU test[:5200], GSM8K
+test[:420]. A component whose data is absent offline is skipped with one warning line
+(--strict-data makes that an error). --mixture trains on your own conversations instead (JSONL,
+each line a JSON array of messages, or an object with a "messages" array).
+
+Conversations are packed best-fit into rows of max_seq_len+1 tokens and the rest of a row is
+padded with BOS, never cropped; targets are -1 outside the assistant's tokens and on padding.
+Interrupt it (SIGTERM/Ctrl-C) and it checkpoints at the end of the step; --resume-from-step=-1
+continues exactly (the loader position is in the per-rank state file).
+"""
+
+import os
+
+os.environ.setdefault("PYTORCH_ALLOC_CONF", "expandable_segments:True")
+
+import argparse  # noqa: E402
+import gc  # noqa: E402
+import json  # noqa: E402
+import math  # noqa: E402
+import signal  # noqa: E402
+import time  # noqa: E402
+
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+
+from nanochat.checkpoint import (  # noqa: E402
+    append_log,
+    build_model,
+    find_last_step,
+    get_checkpoints_root,
+    load_checkpoint,
+    load_optimizer_state,
+    resolve_checkpoint,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+    truncate_log,
+)
+from nanochat.common import (  # noqa: E402
+    COMPUTE_DTYPE,
+    DummyWandb,
+    NanochatError,
+    StopRequest,
+    compute_cleanup,
+    compute_init,
+    get_base_dir,
+    get_peak_flops,
+    measure_matmul_flops,
+    print0,
+    run_main,
+)
+from nanochat.loss_eval import evaluate_bpb  # noqa: E402
+from nanochat.tokenizer import get_token_bytes  # noqa: E402
+
+MAX_CONVERSATION_TOKENS = 2048  # render_conversation's truncation (SPEC §6.3)
+MUON_MOMENTUM_RAMP = 300  # steps for Muon momentum 0.85 -> 0.95 (SPEC §9.2)
+
+# ChatCORE tasks and whether each is categorical (SPEC §7.4, mar's six)
+CHATCORE_TASKS = [("ARC-Easy", True), ("ARC-Challenge", True), ("MMLU", True), ("GSM8K", False),
+                  ("HumanEval", False), ("SpellingBee", False)]
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--run", default="dummy", help="wandb run name ('dummy' disables wandb)")
+    p.add_argument("--device-type", default="", help="cuda|cpu|mps (empty: autodetect)")
+    # the base model to start from
+    p.add_argument("--model-tag", default=None, help="base model tag (default: the largest d<N>)")
+    p.add_argument("--model-step", type=int, default=None, help="base model step (default: the last)")
+    p.add_argument("--load-optimizer", type=int, default=1, help="start from the base run's optimizer buffers (1) or fresh (0)")
+    # horizon and sizes (None = inherit from the base run)
+    p.add_argument("--num-iterations", type=int, default=-1, help="optimizer steps (-1: one epoch of the mixture)")
+    p.add_argument("--max-seq-len", type=int, default=None)
+    p.add_argument("--device-batch-size", type=int, default=None)
+    p.add_argument("--total-batch-size", type=int, default=None, help="tokens per optimizer step")
+    p.add_argument("--embedding-lr", type=float, default=None)
+    p.add_argument("--unembedding-lr", type=float, default=None)
+    p.add_argument("--matrix-lr", type=float, default=None)
+    p.add_argument("--init-lr-frac", type=float, default=0.8, help="every LR is multiplied by this")
+    p.add_argument("--warmup-ratio", type=float, default=0.0)
+    p.add_argument("--warmdown-ratio", type=float, default=0.5)
+    p.add_argument("--final-lr-frac", type=float, default=0.0)
+    # evaluation
+    p.add_argument("--eval-every", type=int, default=200, help="val bpb cadence (-1: off)")
+    p.add_argument("--eval-tokens", type=int, default=40 * 524288)
+    p.add_argument("--chatcore-every", type=int, default=200, help="ChatCORE cadence (-1: off)")
+    p.add_argument("--chatcore-max-cat", type=int, default=-1, help="problems per categorical task (-1: all)")
+    p.add_argument("--chatcore-max-sample", type=int, default=24, help="problems per generative task")
+    # data
+    p.add_argument("--mmlu-epochs", type=int, default=3)
+    p.add_argument("--gsm8k-epochs", type=int, default=4)
+    p.add_argument("--identity-file", default=None, help="identity conversations (default base_dir/identity_conversations.jsonl)")
+    p.add_argument("--mixture", default=None, help="train on these conversation JSONL files only (comma-separated)")
+    p.add_argument("--val-mixture", default=None, help="validate on these JSONL files (with --mixture; default: the train files)")
+    p.add_argument("--data-dir", default=None, help="task data folder (sets NANOCHAT_TASK_DATA_DIR)")
+    p.add_argument("--strict-data", action="store_true", help="a mixture component whose data is missing is an error")
+    # checkpoints and resume
+    p.add_argument("--output-tag", default=None, help="chatsft_checkpoints/<tag> (default: the base model tag)")
+    p.add_argument("--resume-from-step", type=int, default=None, help="resume this SFT run from a step; -1 = the latest")
+    p.add_argument("--save-every", type=int, default=-1, help="checkpoint cadence in steps (-1: only at the end)")
+    p.add_argument("--keep-last", type=int, default=-1, help="keep only the last K checkpoints (-1: all)")
+    # ours
+    p.add_argument("--compile", type=int, default=1, help="torch.compile the model (1) or not (0)")
+    p.add_argument("--peak-flops", type=float, default=-1.0, help="device peak FLOP/s for MFU (default: GPU table, measured on CPU)")
+    return p.parse_args(argv)
+
+
+# -----------------------------------------------------------------------------
+# Conversation files
+
+
+def _check_messages(messages, where):
+    """Raise NanochatError unless `messages` is an optional system message followed by at least
+    one user/assistant pair alternating user, assistant, ...; `where` names the file and line."""
+    if not isinstance(messages, list):
+        raise NanochatError(f"{where}: expected a JSON array of messages (or an object with \"messages\").")
+    body = messages[1:] if messages and isinstance(messages[0], dict) and messages[0].get("role") == "system" else messages
+    if len(body) < 2:
+        raise NanochatError(f"{where}: a conversation needs at least a user and an assistant message.")
+    for i, m in enumerate(body):
+        expected = "user" if i % 2 == 0 else "assistant"
+        if not isinstance(m, dict) or "role" not in m or "content" not in m:
+            raise NanochatError(f"{where}: message {i} must be an object with \"role\" and \"content\".")
+        if m["role"] != expected:
+            raise NanochatError(f"{where}: message {i} has role {m['role']!r} but {expected!r} was expected; "
+                                f"roles must alternate user, assistant, user, ...")
+        content = m["content"]
+        if expected == "user" and not isinstance(content, str):
+            raise NanochatError(f"{where}: user message {i} must have string content.")
+        if expected == "assistant" and not (isinstance(content, str) or (
+                isinstance(content, list) and all(isinstance(part, dict) and "text" in part and part.get("type") in
+                                                  ("text", "python", "python_output") for part in content))):
+            raise NanochatError(f"{where}: assistant message {i} must be a string or a list of "
+                                f"{{\"type\": text|python|python_output, \"text\": ...}} parts.")
+
+
+def read_conversations(path):
+    """The conversations of a JSONL file as [{"messages": [...]}, ...]. Each non-blank line is a
+    JSON array of messages (CustomJSON's format) or an object with a "messages" array. A bad
+    line raises NanochatError naming the file and the line."""
+    if not os.path.exists(path):
+        raise NanochatError(f"{path} does not exist; give an existing conversations file.")
+    conversations = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            where = f"{path} line {lineno}"
+            try:
+                item = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise NanochatError(f"{where} is not valid JSON ({e.msg}); fix or remove that line.") from None
+            messages = item.get("messages") if isinstance(item, dict) else item
+            _check_messages(messages, where)
+            conversations.append({"messages": messages})
+    if not conversations:
+        raise NanochatError(f"{path} holds no conversations.")
+    return conversations
+
+
+class ConversationList:
+    """A Task-like view of in-memory conversations: len() and [i]."""
+
+    def __init__(self, conversations):
+        self.conversations = conversations
+
+    def __len__(self):
+        return len(self.conversations)
+
+    def __getitem__(self, i):
+        return self.conversations[i]
+
+
+# -----------------------------------------------------------------------------
+# The mixture
+
+
+def _task_api():
+    try:
+        from nanochat.tasks.common import TaskDataMissing, TaskMixture
+    except ImportError as e:
+        raise NanochatError(f"the task library (nanochat.tasks) is not importable ({e}); "
+                            f"train on your own file with --mixture=FILE.jsonl.") from None
+    return TaskMixture, TaskDataMissing
+
+
+def _build_components(components, strict, TaskDataMissing):
+    """Instantiate (name, factory) pairs. A component whose data is absent is skipped with one
+    warning naming it (an error with --strict-data); a name repeated for epochs warns once.
+    len() forces lazy datasets to load here, not in the middle of training."""
+    tasks, missing = [], set()
+    for name, factory in components:
+        if name in missing:
+            continue
+        try:
+            task = factory()
+            n = len(task)
+        except (TaskDataMissing, FileNotFoundError) as e:
+            if strict:
+                raise NanochatError(f"mixture component {name} has no data ({e}); fetch it or drop --strict-data.") from None
+            print0(f"warning: skipping mixture component {name}: its data is not available offline ({e})")
+            missing.add(name)
+            continue
+        if n == 0:
+            if strict:
+                raise NanochatError(f"mixture component {name} is empty; fetch its data or drop --strict-data.")
+            print0(f"warning: skipping mixture component {name}: it is empty")
+            missing.add(name)
+            continue
+        tasks.append(task)
+    return tasks
+
+
+def build_mixtures(args):
+    """(train dataset, val dataset, description) for the run."""
+    if args.mixture:
+        train_files = [p for p in args.mixture.split(",") if p]
+        val_files = [p for p in (args.val_mixture or args.mixture).split(",") if p]
+        if not args.val_mixture:
+            print0("note: no --val-mixture given; validating on the training conversations")
+        train = ConversationList([c for path in train_files for c in read_conversations(path)])
+        val = ConversationList([c for path in val_files for c in read_conversations(path)])
+        return train, val, f"files {train_files}"
+
+    TaskMixture, TaskDataMissing = _task_api()
+    from nanochat.tasks.customjson import CustomJSON
+    from nanochat.tasks.gsm8k import GSM8K
+    from nanochat.tasks.mmlu import MMLU
+    from nanochat.tasks.smoltalk import SmolTalk
+    from nanochat.tasks.spellingbee import SimpleSpelling, SpellingBee
+
+    identity_path = args.identity_file or os.path.join(get_base_dir(), "identity_conversations.jsonl")
+
+    def identity():  # CustomJSON: TaskDataMissing when the file is absent, an error naming the line when malformed
+        return CustomJSON(filepath=identity_path)
+
+    train_components = [
+        ("SmolTalk train", lambda: SmolTalk(split="train")),
+        ("identity conversations", identity),
+        ("identity conversations", identity),  # x2: oversampled
+        *[("MMLU auxiliary_train", lambda: MMLU(subset="auxiliary_train", split="train"))] * args.mmlu_epochs,
+        *[("GSM8K main train", lambda: GSM8K(subset="main", split="train"))] * args.gsm8k_epochs,
+        ("SimpleSpelling 200K", lambda: SimpleSpelling(size=200000, split="train")),
+        ("SpellingBee 80K", lambda: SpellingBee(size=80000, split="train")),
+    ]
+    val_components = [
+        ("SmolTalk test", lambda: SmolTalk(split="test")),
+        ("MMLU test[:5200]", lambda: MMLU(subset="all", split="test", stop=5200)),
+        ("GSM8K main test[:420]", lambda: GSM8K(subset="main", split="test", stop=420)),
+    ]
+    train_tasks = _build_components(train_components, args.strict_data, TaskDataMissing)
+    val_tasks = _build_components(val_components, args.strict_data, TaskDataMissing)
+    if not train_tasks:
+        raise NanochatError("no training data: every mixture component is missing; fetch the task data "
+                            "(or point --data-dir at it), or train on your own file with --mixture=FILE.jsonl.")
+    if not val_tasks:
+        raise NanochatError("no validation data: every validation component is missing; fetch the task data "
+                            "or use --mixture/--val-mixture.")
+    return TaskMixture(train_tasks), TaskMixture(val_tasks), f"{len(train_tasks)} task components"
+
+
+# -----------------------------------------------------------------------------
+# The SFT loader: best-fit packing with padding, masked targets, exact resume state
+
+
+class SFTLoader:
+    """Infinite iterator of (inputs (B, T) int64, targets (B, T) int64, state) over a dataset of
+    conversations (anything with len() and [i] -> {"messages": [...]}).
+
+    Rank r reads conversations r, r+W, r+2W, ... (wrapping around, epoch += 1), renders them
+    into a buffer, and fills each row of T+1 tokens with the largest buffered conversation
+    that fits entirely; when none fits, the rest of the row is BOS padding (SPEC §9.2: pad,
+    don't crop). A conversation longer than a row is truncated to the row when rendered (the
+    only way it can be placed; at T=2048 this is render_conversation's own 2048 cut).
+    Targets are -1 where the render mask is 0 (everything but the assistant's tokens) and on
+    the padding. The state after each batch records the cursor, the epoch, the consumption
+    count and which conversations sit in the buffer, so resuming from it is exact."""
+
+    def __init__(self, dataset, tokenizer, batch_size, seq_len, rank=0, world_size=1, device="cpu", state=None,
+                 buffer_size=100):
+        self.dataset, self.tokenizer = dataset, tokenizer
+        self.size = len(dataset)
+        if self.size == 0:
+            raise NanochatError("the conversation mixture is empty.")
+        self.B, self.capacity = batch_size, seq_len + 1
+        self.max_tokens = min(MAX_CONVERSATION_TOKENS, self.capacity)
+        self.rank, self.world_size, self.device, self.buffer_size = rank, world_size, torch.device(device), buffer_size
+        self.bos = tokenizer.get_bos_token_id()
+        state = state or {"cursor": rank % self.size, "epoch": 1, "consumed": rank, "batches": 0, "buffer": []}
+        self.cursor, self.epoch = state["cursor"], state["epoch"]
+        self.consumed, self.batches = state["consumed"], state["batches"]
+        self.buffer = [(idx, *self._render(idx)) for idx in state["buffer"]]
+
+    def _render(self, idx):
+        try:
+            return self.tokenizer.render_conversation(self.dataset[idx], max_tokens=self.max_tokens)
+        except (ValueError, KeyError, TypeError, AssertionError) as e:
+            raise NanochatError(f"conversation {idx} of the mixture cannot be rendered ({e}); fix or drop it.") from None
+
+    def state_dict(self):
+        return {"cursor": self.cursor, "epoch": self.epoch, "consumed": self.consumed, "batches": self.batches,
+                "buffer": [idx for idx, _, _ in self.buffer]}
+
+    def _refill(self):
+        while len(self.buffer) < self.buffer_size:
+            idx = self.cursor
+            self.buffer.append((idx, *self._render(idx)))
+            self.cursor += self.world_size
+            if self.cursor >= self.size:
+                self.cursor %= self.size
+                self.epoch += 1
+
+    def _fill_row(self):
+        ids, mask = [], []
+        while len(ids) < self.capacity:
+            self._refill()
+            remaining = self.capacity - len(ids)
+            best, best_len = -1, 0
+            for i, (_, conv, _) in enumerate(self.buffer):
+                if best_len < len(conv) <= remaining:
+                    best, best_len = i, len(conv)
+            if best < 0:
+                break  # nothing fits: pad the rest
+            _, conv, conv_mask = self.buffer.pop(best)
+            ids.extend(conv)
+            mask.extend(conv_mask)
+            self.consumed += self.world_size
+        return ids, mask
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        rows = torch.full((self.B, self.capacity), self.bos, dtype=torch.long)
+        masks = torch.zeros((self.B, self.capacity), dtype=torch.bool)
+        for b in range(self.B):
+            ids, mask = self._fill_row()
+            rows[b, :len(ids)] = torch.tensor(ids, dtype=torch.long)
+            masks[b, :len(mask)] = torch.tensor(mask, dtype=torch.bool)
+        self.batches += 1
+        inputs = rows[:, :-1]
+        targets = rows[:, 1:].clone()
+        targets[~masks[:, 1:]] = -1  # user turns, tool outputs, <|assistant_start|> and the BOS padding
+        return inputs.to(self.device), targets.to(self.device), self.state_dict()
+
+
+# -----------------------------------------------------------------------------
+# Schedules (SPEC §9.2): by progress through the data, not by step
+
+
+def lr_multiplier(progress, warmup_ratio, warmdown_ratio, final_lr_frac):
+    if progress < warmup_ratio:
+        return (progress + 1e-8) / warmup_ratio
+    if progress <= 1.0 - warmdown_ratio:
+        return 1.0
+    decay = min(1.0, (progress - (1.0 - warmdown_ratio)) / warmdown_ratio)
+    return (1.0 - decay) + decay * final_lr_frac
+
+
+def muon_momentum(step):
+    frac = min(step / MUON_MOMENTUM_RAMP, 1.0)
+    return (1 - frac) * 0.85 + frac * 0.95
+
+
+# -----------------------------------------------------------------------------
+# ChatCORE
+
+
+def run_chatcore(model, tokenizer, args, batch_size):
+    """{"results": {task: acc}, "chatcore": float|None, "chatcore_cat": float|None}, or None when
+    nanochat.chat_eval is not available. Tasks whose data is missing are skipped with a note."""
+    try:
+        from nanochat.chat_eval import chatcore, chatcore_is_complete, run_chat_eval
+        from nanochat.engine import Engine
+    except ImportError as e:
+        print0(f"note: ChatCORE is not available in this version ({e}); skipping it")
+        return None
+    from nanochat.tasks.common import TaskDataMissing
+
+    engine = Engine(model, tokenizer)
+    results = {}
+    for name, categorical in CHATCORE_TASKS:
+        limit = (None if args.chatcore_max_cat < 0 else args.chatcore_max_cat) if categorical else args.chatcore_max_sample
+        try:
+            results[name] = run_chat_eval(name, model, tokenizer, engine, batch_size=batch_size, num_samples=1,
+                                          max_new_tokens=512, temperature=0.0, top_k=50, max_problems=limit,
+                                          data_dir=args.data_dir)
+        except TaskDataMissing as e:
+            print0(f"note: ChatCORE task {name} skipped: no data offline ({e})")
+        except NanochatError as e:  # e.g. prompts longer than a small model's context: report it, keep training
+            print0(f"note: ChatCORE task {name} failed: {e}")
+    out = {"results": results, "chatcore": None, "chatcore_cat": None}
+    if chatcore_is_complete(results):
+        out["chatcore"] = chatcore(results)
+    categorical = [name for name, is_cat in CHATCORE_TASKS if is_cat]
+    if all(name in results for name in categorical):
+        out["chatcore_cat"] = chatcore({name: results[name] for name in categorical})
+    return out
+
+
+# -----------------------------------------------------------------------------
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    gc_enabled = gc.isenabled()
+    try:
+        return train(args)
+    finally:
+        # give an in-process caller (a test, a notebook) its interpreter back: the loop freezes
+        # and disables the garbage collector and installs the stop handlers
+        for s, handler in handlers.items():
+            if handler is not None:
+                signal.signal(s, handler)
+        gc.unfreeze()
+        if gc_enabled:
+            gc.enable()
+
+
+def train(args):
+    user_config = dict(vars(args))
+    if args.data_dir:
+        os.environ["NANOCHAT_TASK_DATA_DIR"] = os.path.abspath(args.data_dir)
+    ddp, rank, local_rank, world_size, device = compute_init(args.device_type)
+    master = rank == 0
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    print0(f"COMPUTE_DTYPE: {COMPUTE_DTYPE}")
+    if args.run != "dummy" and master:
+        try:
+            import wandb
+        except ImportError:
+            raise NanochatError("--run needs wandb: `pip install wandb`, or use --run=dummy.") from None
+        wandb_run = wandb.init(project="nanochat-sft", name=args.run, config=user_config)
+    else:
+        wandb_run = DummyWandb()
+
+    # the base model, and what SFT inherits from its run (SPEC §9.2)
+    try:
+        base_dir, base_step = resolve_checkpoint("base", args.model_tag, args.model_step)
+    except NanochatError as e:
+        raise NanochatError(f"no base model to finetune: {e}") from None
+    model, tokenizer, base_meta = build_model(base_dir, base_step, device, phase="train")
+    model_tag = os.path.basename(base_dir)
+    output_tag = args.output_tag or model_tag
+    base_user = base_meta.get("user_config") or {}
+    max_seq_len = args.max_seq_len or base_meta.get("max_seq_len", 2048)
+    device_batch_size = args.device_batch_size or base_meta.get("device_batch_size", 32)
+    total_batch_size = args.total_batch_size or base_meta.get("total_batch_size", 524288)
+    embedding_lr = args.embedding_lr if args.embedding_lr is not None else base_user.get("embedding_lr", 0.3)
+    unembedding_lr = args.unembedding_lr if args.unembedding_lr is not None else base_user.get("unembedding_lr", 0.004)
+    matrix_lr = args.matrix_lr if args.matrix_lr is not None else base_user.get("matrix_lr", 0.02)
+    print0(f"Base model {model_tag} step {base_step}: max_seq_len {max_seq_len}, device_batch_size {device_batch_size}, "
+           f"total_batch_size {total_batch_size:,}; LRs embedding {embedding_lr}, unembedding {unembedding_lr}, "
+           f"matrix {matrix_lr} (x{args.init_lr_frac})")
+    token_bytes = get_token_bytes(device=device)
+    config = model.config
+
+    tokens_per_micro = device_batch_size * max_seq_len
+    if total_batch_size % (tokens_per_micro * world_size) != 0:
+        raise NanochatError(
+            f"total batch size {total_batch_size} is not divisible by device_batch_size*max_seq_len*world_size "
+            f"= {device_batch_size}*{max_seq_len}*{world_size} = {tokens_per_micro * world_size}; "
+            f"pass --total-batch-size or --device-batch-size to fix it.")
+    grad_accum_steps = total_batch_size // (tokens_per_micro * world_size)
+    print0(f"Tokens per micro-batch per rank: {tokens_per_micro:,}; gradient accumulation steps: {grad_accum_steps}")
+
+    # optimizer: fresh SFT LRs, no weight decay; optionally the base run's moment buffers
+    optimizer = model.setup_optimizer(unembedding_lr=unembedding_lr, embedding_lr=embedding_lr,
+                                      matrix_lr=matrix_lr, weight_decay=0.0)
+    fresh_hparams = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
+    base_world = base_meta.get("world_size", world_size)
+    if args.load_optimizer and args.resume_from_step is None and base_world != world_size:
+        raise NanochatError(f"the base run used {base_world} processes and this one {world_size}: its per-rank optimizer "
+                            f"shards do not split differently; run with {base_world} processes or pass --load-optimizer=0.")
+    if args.load_optimizer and args.resume_from_step is None:
+        base_optim = load_optimizer_state("base", device, rank, model_tag, base_step)
+        if base_optim is not None:
+            try:
+                optimizer.load_state_dict(base_optim)
+            except (ValueError, KeyError, NanochatError) as e:
+                raise NanochatError(f"the base optimizer state does not fit this run ({e}); "
+                                    f"pass --load-optimizer=0 to start the optimizer fresh.") from None
+            # load_state_dict brought the base run's end-of-warmdown LRs and weight decay: restore ours
+            for group, hp in zip(optimizer.param_groups, fresh_hparams):
+                group.update(hp)
+            print0("Loaded the base optimizer's moment buffers")
+            del base_optim
+    for group in optimizer.param_groups:
+        group["lr"] = group["lr"] * args.init_lr_frac
+        group["initial_lr"] = group["lr"]
+
+    # resume this SFT run
+    checkpoint_dir = os.path.join(get_checkpoints_root("sft"), output_tag)
+    log_path = os.path.join(checkpoint_dir, "train_log.jsonl")
+    step, loop_state, loader_state = 0, {}, None
+    if args.resume_from_step is not None:
+        resume_step = find_last_step(checkpoint_dir) if args.resume_from_step < 0 else args.resume_from_step
+        model_data, optim_data, meta, extra = load_checkpoint(checkpoint_dir, resume_step, device, load_optimizer=True,
+                                                              rank=rank, load_state=True)
+        if meta.get("world_size", world_size) != world_size:
+            raise NanochatError(f"the checkpoint was written by {meta['world_size']} processes but this run has "
+                                f"{world_size}; resume with the same number of processes.")
+        if meta["model_config"] != config.__dict__:
+            raise NanochatError(f"the checkpoint's model config differs from base model {model_tag}'s; "
+                                f"pass the --model-tag the run started from.")
+        # copy into the existing parameters (no assign=True): the optimizer already holds them
+        model.load_state_dict({k.removeprefix("_orig_mod."): v for k, v in model_data.items()}, strict=True)
+        optimizer.load_state_dict(optim_data)
+        del model_data, optim_data
+        step = meta["step"]
+        loop_state = meta.get("loop_state", {})
+        if not extra or "loader" not in extra:
+            raise NanochatError(f"step {resume_step} in {checkpoint_dir} has no loader state for rank {rank}; "
+                                f"resume from another step.")
+        loader_state = extra["loader"]
+        if "rng" in extra:
+            set_rng_state(extra["rng"], device)
+        if master:
+            truncate_log(log_path, step)
+        print0(f"Resumed from step {step} of {checkpoint_dir}")
+
+    orig_model = model
+    if args.compile:
+        model = torch.compile(model, dynamic=False)
+
+    # data
+    train_data, val_data, description = build_mixtures(args)
+    dataset_size = len(train_data)
+    print0(f"Training mixture: {description}, {dataset_size:,} conversations; validation: {len(val_data):,}")
+    train_loader = SFTLoader(train_data, tokenizer, device_batch_size, max_seq_len, rank, world_size, device,
+                             state=loader_state)
+
+    def build_val_loader():
+        return SFTLoader(val_data, tokenizer, device_batch_size, max_seq_len, rank, world_size, device)
+
+    x, y, next_loader_state = next(train_loader)
+    trained_loader_state = loader_state  # the position after the last batch trained on
+
+    flops_per_token = orig_model.estimate_flops()
+    if args.peak_flops > 0:
+        peak_flops = args.peak_flops
+    elif device.type == "cuda":
+        peak_flops = get_peak_flops(torch.cuda.get_device_name(device))
+    else:
+        peak_flops = measure_matmul_flops(device, COMPUTE_DTYPE)
+        print0(f"Measured {device.type} matmul rate: {peak_flops / 1e9:.1f} GFLOP/s (the MFU denominator)")
+
+    min_val_bpb = loop_state.get("min_val_bpb", float("inf"))
+    initial_val_bpb = loop_state.get("initial_val_bpb")
+    smooth_train_loss = loop_state.get("smooth_train_loss", 0.0)
+    total_training_time = loop_state.get("total_training_time", 0.0)
+    chatcore_value = loop_state.get("chatcore")
+    val_bpb = None
+    stop = StopRequest()
+    resume_step = step
+    ema_beta = 0.9
+    session_time, session_steps = 0.0, 0
+    if master:
+        os.makedirs(checkpoint_dir, exist_ok=True)
+
+    while True:
+        # when to stop, and where the next batch sits in the data: the same on every rank
+        if args.num_iterations > 0:
+            last_flag = float(step >= args.num_iterations)
+            progress = step / args.num_iterations
+        else:
+            last_flag = float(trained_loader_state is not None and trained_loader_state["consumed"] >= dataset_size)
+            progress = next_loader_state["consumed"] / dataset_size
+        flags = torch.tensor([last_flag, progress], dtype=torch.float64, device=device)
+        if ddp:
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        last_step, progress = bool(flags[0].item()), min(flags[1].item(), 1.0)
+
+        if args.eval_every > 0 and (last_step or step % args.eval_every == 0):
+            model.eval()
+            eval_steps = max(1, args.eval_tokens // (tokens_per_micro * world_size))
+            val_bpb = evaluate_bpb(model, build_val_loader(), eval_steps, token_bytes)
+            min_val_bpb = min(min_val_bpb, val_bpb)
+            if initial_val_bpb is None:
+                initial_val_bpb = val_bpb
+            print0(f"Step {step:05d} | Validation bpb: {val_bpb:.6f}")
+            wandb_run.log({"step": step, "val/bpb": val_bpb})
+            if master:
+                append_log(log_path, {"step": step, "val_bpb": val_bpb})
+            model.train()
+
+        if args.chatcore_every > 0 and (last_step or (step > 0 and step % args.chatcore_every == 0)):
+            orig_model.eval()
+            core = run_chatcore(orig_model, tokenizer, args, device_batch_size)
+            orig_model.train()
+            if core is not None:
+                chatcore_value = core["chatcore"]
+                shown = ", ".join(f"{k}: {v:.4f}" for k, v in core["results"].items())
+                print0(f"Step {step:05d} | ChatCORE: {core['chatcore']} | ChatCORE_cat: {core['chatcore_cat']} | {shown}")
+                wandb_run.log({"step": step, "chatcore_metric": core["chatcore"], "chatcore_cat": core["chatcore_cat"],
+                               **{f"chatcore/{k}": v for k, v in core["results"].items()}})
+                if master:
+                    append_log(log_path, {"step": step, **core})
+
+        stop_now = stop.requested(device, ddp) and step > resume_step
+        save_now = last_step or stop_now or (
+            args.save_every > 0 and step > 0 and step % args.save_every == 0 and step != resume_step)
+        if save_now:
+            save_checkpoint(
+                checkpoint_dir, step, orig_model.state_dict(), optimizer.state_dict(),
+                {
+                    "step": step,
+                    "val_bpb": val_bpb,
+                    "model_config": config.__dict__,
+                    "user_config": user_config,
+                    "device_batch_size": device_batch_size,
+                    "max_seq_len": max_seq_len,
+                    "total_batch_size": total_batch_size,
+                    "world_size": world_size,
+                    "base": {"model_tag": model_tag, "step": base_step},
+                    "dataloader_state_dict": trained_loader_state,
+                    "loop_state": {"min_val_bpb": min_val_bpb, "initial_val_bpb": initial_val_bpb,
+                                   "smooth_train_loss": smooth_train_loss, "total_training_time": total_training_time,
+                                   "chatcore": chatcore_value},
+                },
+                rank=rank, extra_state={"loader": trained_loader_state, "rng": rng_state(device)},
+                keep_last=args.keep_last,
+            )
+        if last_step:
+            break
+        if stop_now:
+            print0(f"Stopped at step {step}; resume with --resume-from-step=-1")
+            compute_cleanup()
+            raise SystemExit(128 + stop.signum)
+
+        # ---- one optimizer step ----
+        sync()
+        t0 = time.time()
+        loss_sum = torch.zeros((), device=device, dtype=torch.float32)
+        for _ in range(grad_accum_steps):
+            # mean over the supervised targets; a micro-batch with none contributes 0, not nan
+            num_valid = (y >= 0).sum().clamp(min=1)
+            loss = model(x, y, loss_reduction="sum") / num_valid
+            loss_sum += loss.detach().float()
+            (loss / grad_accum_steps).backward()
+            trained_loader_state = next_loader_state
+            x, y, next_loader_state = next(train_loader)  # prefetch while the device works
+        lrm = lr_multiplier(progress, args.warmup_ratio, args.warmdown_ratio, args.final_lr_frac)
+        momentum = muon_momentum(step)
+        for group in optimizer.param_groups:
+            group["lr"] = group["initial_lr"] * lrm
+            if group["kind"] == "muon":
+                group["momentum"] = momentum
+        optimizer.step()
+        model.zero_grad(set_to_none=True)
+        train_loss = loss_sum / grad_accum_steps
+        if ddp:
+            dist.all_reduce(train_loss, op=dist.ReduceOp.SUM)
+            train_loss /= world_size
+        train_loss = train_loss.item()
+        sync()
+        dt = time.time() - t0
+
+        # ---- logging ----
+        smooth_train_loss = ema_beta * smooth_train_loss + (1 - ema_beta) * train_loss
+        debiased = smooth_train_loss / (1 - ema_beta ** (step + 1))
+        tok_per_sec = int(total_batch_size / dt)
+        mfu = 100 * flops_per_token * total_batch_size / dt / (peak_flops * world_size) if math.isfinite(peak_flops) else None
+        if step > 10:
+            total_training_time += dt
+        if step > resume_step:  # the first step of a session includes warm-up: leave it out of the ETA
+            session_time += dt
+            session_steps += 1
+        avg_dt = session_time / session_steps if session_steps else float("nan")
+        if args.num_iterations > 0:
+            horizon = f"{step:05d}/{args.num_iterations:05d}"
+            eta_min = (args.num_iterations - step - 1) * avg_dt / 60
+        else:
+            horizon = f"{step:05d}"
+            eta_min = (step + 1) * (1 - progress) / max(progress, 1e-9) * avg_dt / 60
+        mfu_text = f"{mfu:.2f}" if mfu is not None else "n/a"
+        print0(f"step {horizon} ({100 * progress:.2f}%) | loss: {debiased:.6f} | lrm: {lrm:.2f} | "
+               f"dt: {dt * 1000:.2f}ms | tok/sec: {tok_per_sec:,} | mfu: {mfu_text} | epoch: {next_loader_state['epoch']} | "
+               f"total time: {total_training_time / 60:.2f}m | eta: {eta_min:.1f}m")
+        if master:
+            append_log(log_path, {"step": step, "loss": train_loss, "smooth_loss": debiased, "lrm": lrm,
+                                  "progress": progress, "dt": dt, "tok_per_sec": tok_per_sec, "mfu": mfu})
+        if step % 10 == 0:
+            wandb_run.log({"step": step, "train/loss": debiased, "train/lrm": lrm, "train/dt": dt,
+                           "train/tok_per_sec": tok_per_sec, "train/mfu": mfu, "train/progress": progress})
+        step += 1
+        if step == resume_step + 1:
+            gc.collect()
+            gc.freeze()
+            gc.disable()
+        elif step % 5000 == 0:
+            gc.collect()
+
+    print0(f"Total training time: {total_training_time / 60:.2f}m")
+    print0(f"Minimum validation bpb: {min_val_bpb:.6f}")
+    summary = {"model_tag": model_tag, "base_step": base_step, "output_tag": output_tag, "steps": step,
+               "conversations": dataset_size, "training_time_s": total_training_time,
+               "initial_val_bpb": initial_val_bpb, "min_val_bpb": min_val_bpb if math.isfinite(min_val_bpb) else None,
+               "final_val_bpb": val_bpb, "chatcore": chatcore_value, "checkpoint_dir": checkpoint_dir}
+    if master:
+        try:
+            from nanochat.report import get_report
+        except ImportError:
+            get_report = None
+        if get_report is not None:
+            get_report().log(section="Chat SFT", data=[user_config, summary])
+    print0(json.dumps({"chat_sft": summary}))
+    wandb_run.finish()
+    compute_cleanup()
+    return summary
+
+
+if __name__ == "__main__":
+    run_main(main)
