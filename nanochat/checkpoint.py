@@ -57,8 +57,12 @@ def save_checkpoint(checkpoint_dir, step, model_data, optimizer_data, meta_data,
             json.dump(meta_data, f, indent=2)
         logger.info(f"Saved checkpoint step {step} to {checkpoint_dir}")
     if keep_last > 0:
+        # every rank lists the steps while all metas still exist, then they delete: otherwise a
+        # slow rank could list after rank 0 removed an old meta and leave its own shard behind
         _barrier()
-        for old in sorted(list_steps(checkpoint_dir))[:-keep_last]:
+        old_steps = sorted(list_steps(checkpoint_dir))[:-keep_last]
+        _barrier()
+        for old in old_steps:
             own = [f"optim_{old:06d}_rank{rank}.pt", f"state_{old:06d}_rank{rank}.pt"]
             if rank == 0:  # the meta goes first so a half-deleted step never looks complete
                 own = [f"meta_{old:06d}.json", f"model_{old:06d}.pt"] + own
@@ -102,9 +106,23 @@ def _load(path, device):
     try:
         return torch.load(path, map_location=device, weights_only=True)
     except FileNotFoundError:
-        raise NanochatError(f"{path} is missing.") from None
+        raise NanochatError(f"{path} is missing, so that checkpoint is incomplete; resume or load another step.") from None
+    except torch.OutOfMemoryError:  # not the file's fault
+        raise
     except Exception as e:
         raise NanochatError(f"{path} is unreadable or truncated ({type(e).__name__}); delete that step or resume from another.") from None
+
+
+def _load_meta(path):
+    try:
+        with open(path) as f:
+            meta = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise NanochatError(f"{path} is unreadable or not valid JSON ({type(e).__name__}); delete that step or "
+                            f"resume from another.") from None
+    if not isinstance(meta, dict) or not isinstance(meta.get("model_config"), dict):
+        raise NanochatError(f"{path} has no model_config; it is not a nanochat checkpoint meta file.")
+    return meta
 
 
 def load_checkpoint(checkpoint_dir, step, device, load_optimizer=False, rank=0, load_state=False):
@@ -112,8 +130,7 @@ def load_checkpoint(checkpoint_dir, step, device, load_optimizer=False, rank=0, 
     meta_path = os.path.join(checkpoint_dir, f"meta_{step:06d}.json")
     if not os.path.exists(meta_path):
         raise NanochatError(f"no checkpoint for step {step} in {checkpoint_dir} (no {os.path.basename(meta_path)}).")
-    with open(meta_path) as f:
-        meta = json.load(f)
+    meta = _load_meta(meta_path)
     model_data = _load(os.path.join(checkpoint_dir, f"model_{step:06d}.pt"), device)
     optimizer_data = None
     if load_optimizer:
@@ -125,10 +142,19 @@ def load_checkpoint(checkpoint_dir, step, device, load_optimizer=False, rank=0, 
     return model_data, optimizer_data, meta
 
 
-def _patch_model_config(config):
-    """Older checkpoints predate some fields (SPEC §12.2)."""
+def patch_model_config(config):
+    """The GPTConfig fields of a checkpoint's model_config; older checkpoints predate
+    window_pattern, which then means full attention everywhere (SPEC §12.2)."""
+    from dataclasses import fields
+
+    from nanochat.gpt import GPTConfig
+
     config = dict(config)
     config.setdefault("window_pattern", "L")
+    unknown = sorted(set(config) - {f.name for f in fields(GPTConfig)})
+    if unknown:
+        raise NanochatError(f"the checkpoint's model_config has fields this version does not know ({', '.join(unknown)}); "
+                            f"load it with the nanochat version that wrote it.")
     return config
 
 
@@ -146,6 +172,21 @@ def _patch_state_dict(model_data, model):
     return model_data
 
 
+def check_state_dict_fits(model_data, model, what):
+    """NanochatError naming the first few missing, unexpected and mis-shaped tensors, if any."""
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in model_data]
+    unexpected = [k for k in model_data if k not in expected]
+    mis_shaped = [f"{k} {tuple(v.shape)} vs {tuple(expected[k].shape)}" for k, v in model_data.items()
+                  if k in expected and tuple(v.shape) != tuple(expected[k].shape)]
+    problems = [f"{label}: {', '.join(items[:3])}{' ...' if len(items) > 3 else ''}"
+                for label, items in (("missing", missing), ("unexpected", unexpected), ("shape (saved vs model)", mis_shaped))
+                if items]
+    if problems:
+        raise NanochatError(f"{what} does not fit its model config ({'; '.join(problems)}); "
+                            f"it was written by a different model or nanochat version.")
+
+
 def build_model(checkpoint_dir, step, device, phase, tokenizer=None):
     """Rebuild the model of a checkpoint: (model, tokenizer, meta). phase is "train" or "eval"."""
     from nanochat.gpt import GPT, GPTConfig
@@ -155,23 +196,25 @@ def build_model(checkpoint_dir, step, device, phase, tokenizer=None):
         raise ValueError(f"phase must be 'train' or 'eval', not {phase!r}")
     device = torch.device(device)
     model_data, _, meta = load_checkpoint(checkpoint_dir, step, device)
+    config = GPTConfig(**patch_model_config(meta["model_config"]))
+    tokenizer = tokenizer or get_tokenizer()
+    if tokenizer.get_vocab_size() != config.vocab_size:
+        raise NanochatError(f"the tokenizer has {tokenizer.get_vocab_size()} tokens but the model in {checkpoint_dir} "
+                            f"expects {config.vocab_size}; use the tokenizer the model was trained with.")
     if device.type in ("cpu", "mps"):  # bf16 weights from a GPU run: compute in fp32 here
         model_data = {k: v.float() if v.dtype == torch.bfloat16 else v for k, v in model_data.items()}
-    config = GPTConfig(**_patch_model_config(meta["model_config"]))
-    with torch.device("meta"):
-        model = GPT(config)
+    try:
+        with torch.device("meta"):
+            model = GPT(config)  # an impossible config (heads not dividing the width ...) raises NanochatError
+    except (TypeError, ValueError, ZeroDivisionError) as e:
+        raise NanochatError(f"the model_config in {checkpoint_dir} step {step} is invalid ({e}); "
+                            f"the meta file is damaged or not from nanochat.") from None
     model.to_empty(device=device)
     model.init_weights()  # rotary buffers are not in the state dict
     model_data = _patch_state_dict(model_data, model)
-    try:
-        model.load_state_dict(model_data, strict=True, assign=True)
-    except RuntimeError as e:
-        raise NanochatError(f"the checkpoint in {checkpoint_dir} does not fit its model config ({str(e).splitlines()[0]}).") from None
+    check_state_dict_fits(model_data, model, f"the checkpoint in {checkpoint_dir} step {step}")
+    model.load_state_dict(model_data, strict=True, assign=True)
     model.train() if phase == "train" else model.eval()
-    tokenizer = tokenizer or get_tokenizer()
-    if tokenizer.get_vocab_size() != config.vocab_size:
-        raise NanochatError(f"the tokenizer has {tokenizer.get_vocab_size()} tokens but the model expects "
-                            f"{config.vocab_size}; use the tokenizer the model was trained with.")
     return model, tokenizer, meta
 
 
@@ -221,6 +264,7 @@ def set_rng_state(state, device):
 
 
 def append_log(path, record):
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "a") as f:
         f.write(json.dumps(record) + "\n")
 
@@ -229,7 +273,13 @@ def truncate_log(path, before_step):
     """On resume, forget log lines of the steps about to be redone."""
     if not os.path.exists(path):
         return
+    def keep(line):
+        try:
+            return json.loads(line).get("step", 0) < before_step
+        except (json.JSONDecodeError, AttributeError):  # a line cut short by a crash
+            return False
+
     with open(path) as f:
-        lines = [ln for ln in f if ln.strip() and json.loads(ln).get("step", 0) < before_step]
+        lines = [ln if ln.endswith("\n") else ln + "\n" for ln in f if ln.strip() and keep(ln)]
     with atomic_path(path) as tmp, open(tmp, "w") as f:
         f.writelines(lines)

@@ -23,7 +23,7 @@ def evaluate_bpb(model, batches, steps, token_bytes):
         valid = y >= 0
         num_bytes = torch.where(valid, token_bytes[y.clamp(min=0)], torch.zeros_like(y, dtype=token_bytes.dtype))
         counted = num_bytes > 0
-        total_nats += (loss * counted).sum().to(device)
+        total_nats += torch.where(counted, loss, 0.0).sum().to(device)  # where, not *: 0 * nan is nan
         total_bytes += num_bytes.sum().to(device, torch.int64)
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(total_nats, op=dist.ReduceOp.SUM)

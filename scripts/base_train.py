@@ -17,6 +17,7 @@ import argparse  # noqa: E402
 import gc  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
+import signal  # noqa: E402
 import time  # noqa: E402
 
 import torch  # noqa: E402
@@ -24,9 +25,11 @@ import torch.distributed as dist  # noqa: E402
 
 from nanochat.checkpoint import (  # noqa: E402
     append_log,
+    check_state_dict_fits,
     find_last_step,
     get_checkpoints_root,
     load_checkpoint,
+    patch_model_config,
     rng_state,
     save_checkpoint,
     set_rng_state,
@@ -45,9 +48,11 @@ from nanochat.common import (  # noqa: E402
     run_main,
 )
 from nanochat.dataloader import tokenizing_distributed_data_loader_with_state_bos_bestfit as make_loader  # noqa: E402
+from nanochat.dataset import open_parquet, split_parquet_files  # noqa: E402
 from nanochat.gpt import GPT, GPTConfig  # noqa: E402
 from nanochat.loss_eval import evaluate_bpb  # noqa: E402
 from nanochat.optim import lr_multiplier, muon_momentum, muon_weight_decay  # noqa: E402
+from nanochat.report import get_report  # noqa: E402
 from nanochat.tokenizer import get_token_bytes, get_tokenizer  # noqa: E402
 
 SAMPLE_PROMPTS = [
@@ -102,6 +107,7 @@ def parse_args(argv=None):
     p.add_argument("--core-metric-every", type=int, default=2000, help="-1: off")
     p.add_argument("--core-metric-max-per-task", type=int, default=500)
     p.add_argument("--sample-every", type=int, default=2000, help="-1: off")
+    p.add_argument("--bundle-dir", default=None, help="CORE eval bundle: unzipped folder, .zip or URL (default: download once)")
     # ours
     p.add_argument("--data-dir", default=None, help="folder of parquet shards (default: NANOCHAT_DATA_DIR or the downloaded ones)")
     p.add_argument("--compile", type=int, default=1, help="torch.compile the model (1) or not (0)")
@@ -135,6 +141,22 @@ def sample(model, tokenizer, device, max_tokens=16):
 
 def main(argv=None):
     args = parse_args(argv)
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    gc_enabled = gc.isenabled()
+    try:
+        train(args)
+    finally:
+        # hand an in-process caller (a test, a notebook) its interpreter back as it was: the loop
+        # freezes and disables the garbage collector and installs the stop handlers
+        for s, handler in handlers.items():
+            if handler is not None:
+                signal.signal(s, handler)
+        gc.unfreeze()
+        if gc_enabled:
+            gc.enable()
+
+
+def train(args):
     user_config = dict(vars(args))
     ddp, rank, local_rank, world_size, device = compute_init(args.device_type)
     master = rank == 0
@@ -216,29 +238,33 @@ def main(argv=None):
     grad_accum_steps = total_batch_size // (tokens_per_micro * world_size)
     print0(f"Tokens per micro-batch per rank: {tokens_per_micro:,}; gradient accumulation steps: {grad_accum_steps}")
 
-    optimizer = model.setup_optimizer(
-        unembedding_lr=args.unembedding_lr * batch_lr_scale, embedding_lr=args.embedding_lr * batch_lr_scale,
-        matrix_lr=args.matrix_lr * batch_lr_scale, weight_decay=wd_scaled, scalar_lr=args.scalar_lr * batch_lr_scale)
-
     # resume
     model_tag = args.model_tag or f"d{args.depth}"
     checkpoint_dir = os.path.join(get_checkpoints_root("base"), model_tag)
     log_path = os.path.join(checkpoint_dir, "train_log.jsonl")
-    step, loop_state, loader_state, extra = 0, {}, None, None
+    step, loop_state, loader_state, extra, optim_data = 0, {}, None, None, None
     if args.resume_from_step is not None:
         resume_step = find_last_step(checkpoint_dir) if args.resume_from_step < 0 else args.resume_from_step
         model_data, optim_data, meta, extra = load_checkpoint(checkpoint_dir, resume_step, device, load_optimizer=True,
                                                               rank=rank, load_state=True)
         saved_world = meta.get("world_size", world_size)
         if saved_world != world_size:
-            raise NanochatError(f"the checkpoint was written by {saved_world} processes but this run has {world_size}; "
-                                f"resume with the same number of processes.")
-        if meta["model_config"] != config.__dict__:
-            raise NanochatError(f"the checkpoint's model config {meta['model_config']} differs from this run's; "
-                                f"pass the same --depth/--head-dim/--max-seq-len/--window-pattern.")
-        model.load_state_dict({k.removeprefix("_orig_mod."): v for k, v in model_data.items()}, strict=True, assign=True)
-        optimizer.load_state_dict(optim_data)
-        del model_data, optim_data
+            raise NanochatError(f"the checkpoint at step {resume_step} was written by {saved_world} process(es) but this "
+                                f"run has {world_size}; resume with the same number of processes (the optimizer state "
+                                f"is sharded per rank).")
+        saved_config = patch_model_config(meta["model_config"])
+        if saved_config != config.__dict__:
+            diff = ", ".join(f"{k}: saved {saved_config.get(k)!r} vs now {v!r}" for k, v in config.__dict__.items()
+                             if saved_config.get(k) != v)
+            hint = ("the tokenizer changed: resume with the tokenizer the run started with" if "vocab_size" in diff
+                    else "pass the same --depth/--aspect-ratio/--head-dim/--max-seq-len/--window-pattern")
+            raise NanochatError(f"the checkpoint's model config differs from this run's ({diff}); {hint}.")
+        model_data = {k.removeprefix("_orig_mod."): v for k, v in model_data.items()}
+        check_state_dict_fits(model_data, model, f"the checkpoint at step {resume_step} in {checkpoint_dir}")
+        # copy into the existing parameters (no assign=True): the optimizer built below must see
+        # the very tensors the model trains
+        model.load_state_dict(model_data, strict=True)
+        del model_data
         step = meta["step"]
         loop_state = meta.get("loop_state", {})
         loader_state = extra["loader"] if extra and "loader" in extra else meta.get("dataloader_state_dict")
@@ -248,11 +274,26 @@ def main(argv=None):
             truncate_log(log_path, step)
         print0(f"Resumed from step {step} of {checkpoint_dir}")
 
+    optimizer = model.setup_optimizer(
+        unembedding_lr=args.unembedding_lr * batch_lr_scale, embedding_lr=args.embedding_lr * batch_lr_scale,
+        matrix_lr=args.matrix_lr * batch_lr_scale, weight_decay=wd_scaled, scalar_lr=args.scalar_lr * batch_lr_scale)
+    if optim_data is not None:
+        try:
+            optimizer.load_state_dict(optim_data)  # NanochatError itself if the shard has another rank layout
+        except (ValueError, KeyError, TypeError, RuntimeError) as e:
+            raise NanochatError(f"the optimizer shard of rank {rank} at step {resume_step} does not fit this run's "
+                                f"optimizer ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); resume "
+                                f"with the same flags, or start a new run from the weights.") from None
+        del optim_data
+
     orig_model = model
     if args.compile:
         model = torch.compile(model, dynamic=False)
 
-    # data
+    # data: read every shard's footer now, so a truncated file fails here and not hours in
+    for split in ("train", "val"):
+        for path in split_parquet_files(split, args.data_dir):
+            open_parquet(path)
     train_loader = make_loader(tokenizer, args.device_batch_size, args.max_seq_len, split="train", device=device,
                                resume_state_dict=loader_state, data_dir=args.data_dir)
 
@@ -281,8 +322,6 @@ def main(argv=None):
     resume_step = step
     ema_beta = 0.9
     scaler = torch.amp.GradScaler() if COMPUTE_DTYPE == torch.float16 else None
-    if master:
-        os.makedirs(checkpoint_dir, exist_ok=True)
 
     while True:
         last_step = step == num_iterations
@@ -300,20 +339,17 @@ def main(argv=None):
             model.train()
 
         if args.core_metric_every > 0 and (last_step or (step > 0 and step % args.core_metric_every == 0)):
-            try:
-                from nanochat.core_eval import evaluate_model
-            except ImportError:
-                evaluate_model = None
-            if evaluate_model is None:
-                print0("note: the CORE metric is not available in this version; skipping it")
-            else:
-                orig_model.eval()
-                core = evaluate_model(orig_model, tokenizer, device, max_per_task=args.core_metric_max_per_task)
-                print0(f"Step {step:05d} | CORE metric: {core['core_metric']:.4f}")
-                wandb_run.log({"step": step, "core_metric": core["core_metric"]})
-                if master:
-                    append_log(log_path, {"step": step, "core_metric": core["core_metric"]})
-                orig_model.train()
+            from nanochat.core_eval import core_label, evaluate_model
+
+            orig_model.eval()
+            core = evaluate_model(orig_model, tokenizer, device, max_per_task=args.core_metric_max_per_task,
+                                  bundle_dir=args.bundle_dir, progress=master)
+            print0(f"Step {step:05d} | {core_label(core)} metric: {core['core_metric']:.4f}")
+            wandb_run.log({"step": step, "core_metric": core["core_metric"],
+                           "centered_results": core["centered_results"]})
+            if master:
+                append_log(log_path, {"step": step, "core_metric": core["core_metric"], "core_partial": core["partial"]})
+            orig_model.train()
 
         if master and args.sample_every > 0 and (last_step or (step > 0 and step % args.sample_every == 0)):
             orig_model.eval()
@@ -346,6 +382,7 @@ def main(argv=None):
             break
         if stop_now:
             print0(f"Stopped at step {step}; resume with --resume-from-step=-1")
+            wandb_run.finish()
             compute_cleanup()
             raise SystemExit(128 + stop.signum)
 
@@ -422,12 +459,14 @@ def main(argv=None):
     print0(f"Peak memory usage: {peak_mem:.2f}MiB")
     print0(f"Total training time: {total_training_time / 60:.2f}m")
     print0(f"Minimum validation bpb: {min_val_bpb:.6f}")
-    print0(json.dumps({"base_train": {
+    summary = {
         "depth": args.depth, "model_tag": model_tag, "steps": num_iterations, "total_batch_size": total_batch_size,
         "total_tokens": total_tokens, "scaling_params": n_scaling, "total_params": counts["total"],
-        "flops_per_token": flops_per_token, "total_flops": flops_per_token * total_tokens,
+        "param_counts": counts, "flops_per_token": flops_per_token, "total_flops": flops_per_token * total_tokens,
         "min_val_bpb": min_val_bpb, "final_val_bpb": val_bpb, "training_time_s": total_training_time,
-        "checkpoint_dir": checkpoint_dir}}))
+        "peak_memory_mib": peak_mem if device.type == "cuda" else None, "checkpoint_dir": checkpoint_dir}
+    get_report().log(section="Base model training", data=[vars(args), {k: v for k, v in summary.items() if k != "param_counts"}])
+    print0(json.dumps({"base_train": summary}))
     wandb_run.finish()
     compute_cleanup()
 
