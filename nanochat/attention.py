@@ -174,3 +174,38 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, cache_seqlens=N
         k_cache[:, pos:end] = k
         v_cache[:, pos:end] = v
     return _sdpa(q, k_cache[:, :end], v_cache[:, :end], causal, window_size[0], softmax_scale)
+
+
+def decode_attention(q, k, v, k_cache, v_cache, layer, pos, mask, enable_gqa=None):
+    """Static-shape decode: one new token per row, each row at its own position. Made for
+    torch.compile and CUDA graphs (no host sync, no data-dependent shapes).
+
+    q (B, 1, H, D), k/v (B, 1, Hkv, D). k_cache/v_cache are the whole caches (n_layer, B, T_max,
+    Hkv, D); row b's new key/value are written in place at [layer, b, pos[b]] (pos: int64 (B,)).
+    The write indexes the full tensor rather than a per-layer view, so the compiler updates the
+    cache in place instead of copying it back every step. `mask` is a boolean (B, L) saying which
+    of the first L cache slots each row may see (the caller builds it from pos and the layer's
+    window, once per step); only those L slots are read, so the caller keeps L a bucket above
+    the longest row instead of T_max."""
+    B = q.size(0)
+    rows = torch.arange(B, device=q.device)
+    layer_idx = torch.full((B,), layer, dtype=torch.long, device=q.device)
+    k_cache.index_put_((layer_idx, rows, pos), k[:, 0])
+    v_cache.index_put_((layer_idx, rows, pos), v[:, 0])
+    L = mask.size(1)
+    if enable_gqa is None:
+        enable_gqa = q.size(2) != k.size(2)
+    keys, values = k_cache[layer, :, :L], v_cache[layer, :, :L]
+    y = F.scaled_dot_product_attention(q.transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2),
+                                       attn_mask=mask[:, None, None, :], enable_gqa=enable_gqa)
+    return y.transpose(1, 2)
+
+
+def decode_mask(pos, kv_len, left):
+    """(B, kv_len) boolean: slot c is visible to a query at pos[b] iff c <= pos[b] and, with a
+    window, pos[b] - c <= left (the same rule as the full forward, SPEC §2)."""
+    delta = pos[:, None] - torch.arange(kv_len, device=pos.device)[None, :]
+    mask = delta >= 0
+    if left >= 0:
+        mask = mask & (delta <= left)
+    return mask

@@ -25,7 +25,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from nanochat.attention import flash_attn_func, flash_attn_with_kvcache
+from nanochat.attention import decode_attention, decode_mask, flash_attn_func, flash_attn_with_kvcache
 from nanochat.common import COMPUTE_DTYPE, NanochatError
 
 
@@ -285,11 +285,23 @@ class CausalSelfAttention(nn.Module):
         k = norm(apply_rotary_emb(k, cos, sin)) * QK_SCALE
         if kv_cache is None:
             y = flash_attn_func(q, k, v, causal=True, window_size=window_size)
+        elif isinstance(kv_cache, DecodeStep):  # static-shape single-token decode (GPT.forward_decode)
+            y = decode_attention(q, k, v, kv_cache.k_cache, kv_cache.v_cache, self.layer_idx, kv_cache.pos,
+                                 kv_cache.masks[window_size[0]], enable_gqa=H != Hkv)
         else:
             k_cache, v_cache = kv_cache.get_layer_cache(self.layer_idx)
             y = flash_attn_with_kvcache(q, k_cache, v_cache, k=k, v=v, cache_seqlens=kv_cache.cache_seqlens,
                                         causal=True, window_size=window_size)
         return self.c_proj(y.reshape(B, T, C))
+
+
+class DecodeStep:
+    """What one layer needs for a static-shape decode step (see GPT.forward_decode): the whole
+    cache tensors (n_layer, B, T_max, Hkv, D), per-row positions (B,) int64, and one (B, L)
+    visibility mask per distinct window size."""
+
+    def __init__(self, k_cache, v_cache, pos, masks):
+        self.k_cache, self.v_cache, self.pos, self.masks = k_cache, v_cache, pos, masks
 
 
 class MLP(nn.Module):
@@ -437,11 +449,15 @@ class GPT(nn.Module):
         gate = lam * torch.sigmoid(self.smear_gate(x[..., :SMEAR_CHANNELS]))
         return x + gate * shifted
 
-    def forward(self, idx, targets=None, kv_cache=None, loss_reduction="mean"):
+    def forward(self, idx, targets=None, kv_cache=None, loss_reduction="mean", decode=None):
         """idx (B, T) token ids. Without targets: fp32 softcapped logits (B, T, vocab_size). With
         targets (-1 = ignore): the cross-entropy, reduced by 'mean' | 'sum' | 'none' (per token,
         flattened to (B*T,)). With a KV cache: positions continue from the cache, new keys/values
-        are written into it, and it is advanced by T at the end."""
+        are written into it, and it is advanced by T at the end. decode=(pos, k_cache, v_cache,
+        prev_embedding, kv_len) runs forward_decode instead (so torch.func.functional_call can
+        swap in inference copies of the weights)."""
+        if decode is not None:
+            return self.forward_decode(idx, *decode)
         B, T = idx.shape
         pos = 0 if kv_cache is None else kv_cache.get_pos()
         assert pos + T <= self.cos.size(1), f"sequence of {pos + T} exceeds the rotary cache of {self.cos.size(1)}"
@@ -486,6 +502,40 @@ class GPT(nn.Module):
             return logits
         return F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1,
                                reduction=loss_reduction)
+
+    def forward_decode(self, idx, pos, k_cache, v_cache, prev_embedding, kv_len):
+        """One token per row, each row at its own position, against a static KV cache: the
+        Engine's decode step, written so torch.compile (and CUDA graphs) can capture it whole:
+        no host syncs, no shapes that depend on data, the cache updated in place.
+
+        idx (B, 1) int64 token ids; pos (B,) int64, the position of each row's token (= tokens
+        already cached for that row); k_cache/v_cache (n_layer, B, T_max, Hkv, D), written at
+        pos; prev_embedding (B, 1, n_embd), each row's previous pre-smear normalized embedding,
+        replaced in place by this token's; kv_len: how many cache slots attention reads
+        (> max(pos), a bucket so that few shapes occur). Returns fp32 softcapped logits (B, vocab).
+        Same math as forward() with a KVCache, row by row (SPEC §1.5, §10.1)."""
+        cos = self.cos[0, pos].unsqueeze(1)  # (B, 1, 1, D/2): per-row rotary positions
+        sin = self.sin[0, pos].unsqueeze(1)
+        x = norm(self.transformer.wte(idx).to(COMPUTE_DTYPE))
+        # smear with the cached previous embedding (decode positions are >= 1, so there always is one)
+        gate = self.smear_lambda.to(x.dtype) * torch.sigmoid(self.smear_gate(x[..., :SMEAR_CHANNELS]))
+        smeared = x + gate * prev_embedding.to(x.dtype)
+        prev_embedding.copy_(x)
+        x = x0 = smeared
+        masks = {w: decode_mask(pos, kv_len, w) for w in {w for w, _ in self.window_sizes}}
+        step = DecodeStep(k_cache, v_cache, pos, masks)
+        backout_at = self.config.n_layer // 2
+        x_mid = None
+        for i, block in enumerate(self.transformer.h):
+            x = self.resid_lambdas[i] * x + self.x0_lambdas[i] * x0
+            key = str(i)
+            ve = self.value_embeds[key](idx).to(x.dtype) if key in self.value_embeds else None
+            x = block(x, ve, cos, sin, self.window_sizes[i], step)
+            if i == backout_at:
+                x_mid = x
+        x = norm(x - self.backout_lambda.to(x.dtype) * x_mid)
+        logits = F.linear(x[:, 0], self.lm_head.weight[:self.config.vocab_size].to(x.dtype)).float()
+        return SOFTCAP * torch.tanh(logits / SOFTCAP)
 
     # -------------------------------------------------------------------------
     # accounting (SPEC §1.10)
