@@ -153,11 +153,31 @@ def run_generative_eval(task, tokenizer, model, engine, num_samples, max_new_tok
     return passed / total if total else 0.0
 
 
+def _make_task_on_every_rank(task_name, data_dir, device):
+    """make_task, with the ranks agreeing on whether the data is there: a rank that alone
+    lacked it would skip the count all-reduce its peers enter (a hang, or counts summed with
+    the next task's), so when any rank lacks it every rank raises TaskDataMissing."""
+    from nanochat.tasks.common import TaskDataMissing
+
+    try:
+        task, missing = make_task(task_name, data_dir), None
+    except TaskDataMissing as e:
+        task, missing = None, e
+    if is_ddp_initialized():
+        flag = torch.tensor([0 if missing else 1], dtype=torch.long, device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+        if missing is None and int(flag[0]) == 0:
+            missing = TaskDataMissing(f"{task_name} data is missing on another rank; give every rank the same task data.")
+    if missing is not None:
+        raise missing
+    return task
+
+
 def run_chat_eval(task_name, model, tokenizer, engine, batch_size=8, num_samples=1, max_new_tokens=512,
                   temperature=0.0, top_k=50, max_problems=None, data_dir=None):
     """Accuracy on one of ALL_TASKS (its test split). Raises TaskDataMissing when the task's
     data is neither local nor downloadable; engine may be None for categorical tasks."""
-    task = make_task(task_name, data_dir)
+    task = _make_task_on_every_rank(task_name, data_dir, model.get_device())
     if task.eval_type == "categorical":
         passed, total = run_categorical_eval(task, tokenizer, model, batch_size, max_problems, return_counts=True)
     elif task.eval_type == "generative":

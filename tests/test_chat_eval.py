@@ -263,6 +263,43 @@ def test_two_ranks_stride_the_work_and_sum_the_counts(tiny, tmp_path):
     assert [r["calls"] for r in ranks] == [2, 1]  # problems 0, 2 on rank 0; problem 1 on rank 1
 
 
+def _missing_on_one_rank_worker(rank, world, init_file, tok_dir, data, out_dir):
+    import datetime
+
+    import torch.distributed as dist
+
+    from nanochat.tokenizer import Tokenizer
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=30))
+    try:
+        tok = Tokenizer.from_directory(tok_dir)
+        model = build_tiny_model(tok.get_vocab_size())
+        try:  # rank 1 has no task data (another node without the files)
+            outcome = f"ok {run_chat_eval('ARC-Easy', model, tok, None, data_dir=data if rank == 0 else out_dir)}"
+        except TaskDataMissing:
+            outcome = "missing"
+        except Exception as e:  # a collective that found its peer gone
+            outcome = f"error {type(e).__name__}"
+        with open(os.path.join(out_dir, f"{rank}.txt"), "w") as f:
+            f.write(outcome)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_task_missing_on_one_rank_is_missing_on_every_rank(tiny, tmp_path):
+    """A rank without the data must not skip the count all-reduce its peers enter: every rank
+    agrees the task is missing (so chat_sft / chat_eval skip it together)."""
+    import torch.multiprocessing as mp
+
+    _, _, data = tiny
+    tok_dir = os.path.join(os.path.dirname(data), "tokenizer")
+    mp.spawn(_missing_on_one_rank_worker, args=(2, str(tmp_path / "init"), tok_dir, data, str(tmp_path)), nprocs=2,
+             join=True)
+    assert [open(tmp_path / f"{r}.txt").read() for r in range(2)] == ["missing", "missing"]
+
+
 # -----------------------------------------------------------------------------
 # ChatCORE and errors
 

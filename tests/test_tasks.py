@@ -415,6 +415,9 @@ def test_humaneval_program_assembly():
     assert extract_program("Sure!\n```python\ndef f(x):\n    return 1\n```\nmore\n```\nnope\n```") == \
         "def f(x):\n    return 1"
     assert extract_program("```\ncode\n```") == "code"
+    # inline ``` on a line of prose opens no block: the fenced block after it is the code
+    assert extract_program("Use ```f``` like so:\n```python\ndef f(x):\n    return 1\n```") == \
+        "def f(x):\n    return 1"
     assert extract_program("  def f(): pass  \n") == "def f(): pass"
     conv = {"messages": [{"role": "user", "content": prompt}], "test": "def check(c):\n    assert c([1]) == 1",
             "entry_point": "f"}
@@ -563,3 +566,21 @@ def test_word_list_download_and_missing(monkeypatch, tmp_path, words_file):
     os.makedirs(tmp_path / "td" / "spellingbee")
     (tmp_path / "td" / "spellingbee" / "words_alpha.txt").write_text("kiwi\n")
     assert spellingbee.load_words(data_dir=str(tmp_path / "td")) == ["kiwi"]
+
+
+def test_word_list_download_comes_before_the_system_dictionary(monkeypatch, tmp_path, words_file, caplog):
+    """/usr/share/dict/words is an offline stand-in only: when words_alpha.txt can be fetched, it is
+    the list used (SpellingBee examples and scores depend on the list)."""
+    from nanochat.tasks import spellingbee
+
+    monkeypatch.delenv("NANOCHAT_TASK_DATA_DIR", raising=False)
+    system = tmp_path / "system_words"
+    system.write_text("kiwi\nKiwi\n")
+    monkeypatch.setattr(spellingbee, "SYSTEM_WORDS", str(system))
+    monkeypatch.setattr(spellingbee, "WORDS_URL", words_file)
+    assert "strawberry" in spellingbee.load_words()
+    os.remove(os.path.join(os.environ["NANOCHAT_BASE_DIR"], "words_alpha.txt"))
+    monkeypatch.setattr(spellingbee, "WORDS_URL", "file:///nonexistent/words_alpha.txt")
+    with caplog.at_level("WARNING", logger="nanochat"):
+        assert spellingbee.load_words() == ["kiwi"]  # offline: the stand-in, with a warning
+    assert any("system word list" in r.getMessage() and r.levelname == "WARNING" for r in caplog.records)

@@ -21,6 +21,13 @@ def extract_answer(text):
     return match.group(1).strip().replace(",", "")
 
 
+def grade_final_answer(conversation, response):
+    """1 when the response's "#### N" equals the one ending the reference answer, else 0."""
+    reference = extract_answer(last_text(conversation["messages"][-1]["content"]))
+    predicted = extract_answer(response)
+    return int(predicted is not None and predicted == reference)
+
+
 def solution_to_parts(solution):
     """Assistant content parts of a reference solution: each <<expr=result>> becomes a python
     call `expr` and its output `result` (split at the LAST "=", so "a==b=True" keeps its "==";
@@ -71,9 +78,4 @@ class GSM8K(Task):
         """1 when the response's "#### N" equals the reference's, else 0."""
         if not isinstance(response, str):
             raise TypeError("GSM8K.evaluate takes the response text")
-        reference = extract_answer(last_text(conversation["messages"][-1]["content"]))
-        predicted = extract_answer(response)
-        return int(predicted is not None and predicted == reference)
-
-    def reward(self, conversation, response):
-        return float(self.evaluate(conversation, response))
+        return grade_final_answer(conversation, response)

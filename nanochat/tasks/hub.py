@@ -54,12 +54,6 @@ class HubDataset:
         for i in range(len(self)):
             yield self[i]
 
-    @property
-    def column_names(self):
-        if self.table is not None:
-            return list(self.table.column_names)
-        return list(self.rows[0]) if self.rows else []
-
     def shuffle(self, seed):
         """A shuffled view: row i is original row default_rng(seed).permutation(n)[i], the
         order `datasets.Dataset.shuffle(seed=seed)` gives (SPEC §8.3)."""

@@ -8,7 +8,7 @@ from nanochat.common import logger
 from nanochat.tasks.common import Task
 from nanochat.tasks.hub import load_task_rows
 
-CODE_BLOCK_RE = re.compile(r"```(?:python|py)?[^\n]*\n(.*?)```", re.DOTALL)
+CODE_BLOCK_RE = re.compile(r"```(?:python|py)?[ \t]*\n(.*?)```", re.DOTALL)  # nothing but the tag after an opening fence
 
 
 def extract_imports(prompt):

@@ -4,10 +4,10 @@ by spelling the word out, counting, and checking with the python tool) and Simpl
 teach them to spell and to count with the tool. Examples are a pure function of the index.
 
 The word list, in this order: `words_path` when given; `spellingbee/words_alpha.txt` in the
-task data dir; base_dir/words_alpha.txt when already downloaded; /usr/share/dict/words when the
-system has one (an offline stand-in; a different list, so the log says which one is used);
-else words_alpha.txt downloaded from dwyl/english-words into base_dir. Only lowercase a-z
-words are kept."""
+task data dir; base_dir/words_alpha.txt when already downloaded; else words_alpha.txt
+downloaded from dwyl/english-words into base_dir; when that fails (offline), /usr/share/dict/words
+if the system has one (a stand-in: a different list, so a warning says it is used). Only
+lowercase a-z words are kept."""
 
 import os
 import random
@@ -15,8 +15,8 @@ import re
 import string
 
 from nanochat.common import NanochatError, get_base_dir, logger
-from nanochat.tasks.common import Task, TaskDataMissing, get_task_data_dir, last_text
-from nanochat.tasks.gsm8k import extract_answer
+from nanochat.tasks.common import Task, TaskDataMissing, get_task_data_dir
+from nanochat.tasks.gsm8k import grade_final_answer
 
 WORDS_URL = "https://raw.githubusercontent.com/dwyl/english-words/refs/heads/master/words_alpha.txt"
 SYSTEM_WORDS = "/usr/share/dict/words"
@@ -106,13 +106,14 @@ def load_words(words_path=None, data_dir=None):
     for path in candidates:
         if os.path.isfile(path):
             return _read_words(path)
-    if os.path.isfile(SYSTEM_WORDS):
-        logger.info(f"spelling tasks use the system word list {SYSTEM_WORDS} (upstream uses dwyl's words_alpha.txt)")
-        return _read_words(SYSTEM_WORDS)
     dest = os.path.join(get_base_dir(), "words_alpha.txt")
     try:
         download_file(WORDS_URL, dest, desc="words_alpha.txt", attempts=2)  # offline: fail in seconds
     except NanochatError:
+        if os.path.isfile(SYSTEM_WORDS):  # offline only: a different list gives different examples and scores
+            logger.warning(f"spelling tasks use the system word list {SYSTEM_WORDS}: words_alpha.txt could not be "
+                           f"downloaded (put it at {candidates[0]} to match upstream)")
+            return _read_words(SYSTEM_WORDS)
         raise TaskDataMissing(f"the spelling tasks need a word list and downloading it failed: put words_alpha.txt "
                               f"(from {WORDS_URL}) at {candidates[0]}, or connect to the network.") from None
     return _read_words(dest)
@@ -169,12 +170,7 @@ class SpellingBee(Task):
         return {"messages": [{"role": "user", "content": question}, {"role": "assistant", "content": parts}]}
 
     def evaluate(self, conversation, response):
-        reference = extract_answer(last_text(conversation["messages"][-1]["content"]))
-        predicted = extract_answer(response)
-        return int(predicted is not None and predicted == reference)
-
-    def reward(self, conversation, response):
-        return float(self.evaluate(conversation, response))
+        return grade_final_answer(conversation, response)
 
 
 class SimpleSpelling(Task):
