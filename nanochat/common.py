@@ -2,6 +2,7 @@
 logging, clear user-facing errors, atomic writes and downloads (SPEC §12.3)."""
 
 import contextlib
+import gc
 import logging
 import os
 import shutil
@@ -355,3 +356,45 @@ class StopRequest:
         if ddp:  # every rank stops at the same step
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag.item())
+
+
+@contextlib.contextmanager
+def training_session():
+    """Run a training loop so that an in-process caller (a test, a notebook) gets its interpreter
+    back as it was: the loops freeze and disable the garbage collector after their first step and
+    install StopRequest's signal handlers."""
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    gc_enabled = gc.isenabled()
+    try:
+        yield
+    finally:
+        for s, handler in handlers.items():
+            if handler is not None:
+                signal.signal(s, handler)
+        gc.unfreeze()
+        if gc_enabled:
+            gc.enable()
+
+
+def init_wandb(run, master, project, config):
+    """A wandb run when --run names one (rank 0 only), else a no-op stand-in."""
+    if run == "dummy" or not master:
+        return DummyWandb()
+    try:
+        import wandb
+    except ImportError:
+        raise NanochatError("--run needs wandb: `pip install wandb`, or use --run=dummy.") from None
+    return wandb.init(project=project, name=run, config=config)
+
+
+def mfu_denominator(device, override=0.0, dtype=None):
+    """Peak FLOP/s for MFU: --peak-flops when given; the GPU table (inf = unknown, shown as n/a);
+    on CPU/MPS the matmul rate measured once on this machine."""
+    if override > 0:
+        return override
+    if device.type == "cuda":
+        return get_peak_flops(torch.cuda.get_device_name(device))
+    dtype = dtype or COMPUTE_DTYPE
+    rate = measure_matmul_flops(device, dtype)
+    print0(f"Measured {device.type} matmul rate ({dtype}): {rate / 1e9:.1f} GFLOP/s (the MFU denominator)")
+    return rate

@@ -17,7 +17,6 @@ import argparse  # noqa: E402
 import gc  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
-import signal  # noqa: E402
 import time  # noqa: E402
 
 import torch  # noqa: E402
@@ -37,15 +36,15 @@ from nanochat.checkpoint import (  # noqa: E402
 )
 from nanochat.common import (  # noqa: E402
     COMPUTE_DTYPE,
-    DummyWandb,
     NanochatError,
     StopRequest,
     compute_cleanup,
     compute_init,
-    get_peak_flops,
-    measure_matmul_flops,
+    init_wandb,
+    mfu_denominator,
     print0,
     run_main,
+    training_session,
 )
 from nanochat.dataloader import tokenizing_distributed_data_loader_with_state_bos_bestfit as make_loader  # noqa: E402
 from nanochat.dataset import open_parquet, split_parquet_files  # noqa: E402
@@ -141,19 +140,8 @@ def sample(model, tokenizer, device, max_tokens=16):
 
 def main(argv=None):
     args = parse_args(argv)
-    handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
-    gc_enabled = gc.isenabled()
-    try:
-        train(args)
-    finally:
-        # hand an in-process caller (a test, a notebook) its interpreter back as it was: the loop
-        # freezes and disables the garbage collector and installs the stop handlers
-        for s, handler in handlers.items():
-            if handler is not None:
-                signal.signal(s, handler)
-        gc.unfreeze()
-        if gc_enabled:
-            gc.enable()
+    with training_session():
+        return train(args)
 
 
 def train(args):
@@ -174,14 +162,7 @@ def train(args):
             args.fp8 = False
         else:
             raise NanochatError("--fp8 is not implemented in this version; train without it.")
-    if args.run != "dummy" and master:
-        try:
-            import wandb
-        except ImportError:
-            raise NanochatError("--run needs wandb: `pip install wandb`, or use --run=dummy.") from None
-        wandb_run = wandb.init(project="nanochat", name=args.run, config=user_config)
-    else:
-        wandb_run = DummyWandb()
+    wandb_run = init_wandb(args.run, master, "nanochat", user_config)
 
     # tokenizer
     tokenizer = get_tokenizer()
@@ -306,13 +287,7 @@ def train(args):
     trained_loader_state = loader_state
 
     # MFU denominator
-    if args.peak_flops > 0:
-        peak_flops = args.peak_flops
-    elif device.type == "cuda":
-        peak_flops = get_peak_flops(torch.cuda.get_device_name(device))
-    else:
-        peak_flops = measure_matmul_flops(device, COMPUTE_DTYPE)
-        print0(f"Measured {device.type} matmul rate ({COMPUTE_DTYPE}): {peak_flops / 1e9:.1f} GFLOP/s (the MFU denominator)")
+    peak_flops = mfu_denominator(device, args.peak_flops)
 
     min_val_bpb = loop_state.get("min_val_bpb", float("inf"))
     smooth_train_loss = loop_state.get("smooth_train_loss", 0.0)

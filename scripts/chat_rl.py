@@ -23,7 +23,6 @@ import argparse  # noqa: E402
 import gc  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
-import signal  # noqa: E402
 import time  # noqa: E402
 
 import torch  # noqa: E402
@@ -42,16 +41,15 @@ from nanochat.checkpoint import (  # noqa: E402
     truncate_log,
 )
 from nanochat.common import (  # noqa: E402
-    COMPUTE_DTYPE,
-    DummyWandb,
     NanochatError,
     StopRequest,
     compute_cleanup,
     compute_init,
-    get_peak_flops,
-    measure_matmul_flops,
+    init_wandb,
+    mfu_denominator,
     print0,
     run_main,
+    training_session,
 )
 from nanochat.engine import Engine  # noqa: E402
 
@@ -180,17 +178,8 @@ def main(argv=None, train_task=None, val_task=None):
     """train_task / val_task replace GSM8K train / test (anything with len(), [i], reward and
     evaluate): tests use a toy task."""
     args = parse_args(argv)
-    handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
-    gc_enabled = gc.isenabled()
-    try:
+    with training_session():
         return train(args, train_task, val_task)
-    finally:
-        for s, handler in handlers.items():
-            if handler is not None:
-                signal.signal(s, handler)
-        gc.unfreeze()
-        if gc_enabled:
-            gc.enable()
 
 
 def train(args, train_task=None, val_task=None):
@@ -200,14 +189,7 @@ def train(args, train_task=None, val_task=None):
     ddp, rank, local_rank, world_size, device = compute_init(args.device_type)
     master = rank == 0
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    if args.run != "dummy" and master:
-        try:
-            import wandb
-        except ImportError:
-            raise NanochatError("--run needs wandb: `pip install wandb`, or use --run=dummy.") from None
-        wandb_run = wandb.init(project="nanochat-rl", name=args.run, config=user_config)
-    else:
-        wandb_run = DummyWandb()
+    wandb_run = init_wandb(args.run, master, "nanochat-rl", user_config)
 
     if args.examples_per_step % world_size != 0:
         raise NanochatError(f"--examples-per-step={args.examples_per_step} must be divisible by the "
@@ -278,13 +260,7 @@ def train(args, train_task=None, val_task=None):
     engine = Engine(model, tokenizer)
     pad_id = tokenizer.encode_special("<|assistant_end|>")  # masked anyway; never a trained target
     flops_per_token = model.estimate_flops()  # forward + backward; a generated token costs about a third
-    if args.peak_flops > 0:
-        peak_flops = args.peak_flops
-    elif device.type == "cuda":
-        peak_flops = get_peak_flops(torch.cuda.get_device_name(device))
-    else:
-        peak_flops = measure_matmul_flops(device, COMPUTE_DTYPE)
-        print0(f"Measured {device.type} matmul rate: {peak_flops / 1e9:.1f} GFLOP/s (the MFU denominator)")
+    peak_flops = mfu_denominator(device, args.peak_flops)
 
     total_training_time = loop_state.get("total_training_time", 0.0)
     first_reward = loop_state.get("first_reward")

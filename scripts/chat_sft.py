@@ -25,7 +25,6 @@ import argparse  # noqa: E402
 import gc  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
-import signal  # noqa: E402
 import time  # noqa: E402
 
 import torch  # noqa: E402
@@ -46,16 +45,16 @@ from nanochat.checkpoint import (  # noqa: E402
 )
 from nanochat.common import (  # noqa: E402
     COMPUTE_DTYPE,
-    DummyWandb,
     NanochatError,
     StopRequest,
     compute_cleanup,
     compute_init,
     get_base_dir,
-    get_peak_flops,
-    measure_matmul_flops,
+    init_wandb,
+    mfu_denominator,
     print0,
     run_main,
+    training_session,
 )
 from nanochat.loss_eval import evaluate_bpb  # noqa: E402
 from nanochat.tokenizer import get_token_bytes  # noqa: E402
@@ -411,19 +410,8 @@ def run_chatcore(model, tokenizer, args, batch_size):
 
 def main(argv=None):
     args = parse_args(argv)
-    handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
-    gc_enabled = gc.isenabled()
-    try:
+    with training_session():
         return train(args)
-    finally:
-        # give an in-process caller (a test, a notebook) its interpreter back: the loop freezes
-        # and disables the garbage collector and installs the stop handlers
-        for s, handler in handlers.items():
-            if handler is not None:
-                signal.signal(s, handler)
-        gc.unfreeze()
-        if gc_enabled:
-            gc.enable()
 
 
 def train(args):
@@ -434,14 +422,7 @@ def train(args):
     master = rank == 0
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     print0(f"COMPUTE_DTYPE: {COMPUTE_DTYPE}")
-    if args.run != "dummy" and master:
-        try:
-            import wandb
-        except ImportError:
-            raise NanochatError("--run needs wandb: `pip install wandb`, or use --run=dummy.") from None
-        wandb_run = wandb.init(project="nanochat-sft", name=args.run, config=user_config)
-    else:
-        wandb_run = DummyWandb()
+    wandb_run = init_wandb(args.run, master, "nanochat-sft", user_config)
 
     # the base model, and what SFT inherits from its run (SPEC §9.2)
     try:
@@ -546,13 +527,7 @@ def train(args):
     trained_loader_state = loader_state  # the position after the last batch trained on
 
     flops_per_token = orig_model.estimate_flops()
-    if args.peak_flops > 0:
-        peak_flops = args.peak_flops
-    elif device.type == "cuda":
-        peak_flops = get_peak_flops(torch.cuda.get_device_name(device))
-    else:
-        peak_flops = measure_matmul_flops(device, COMPUTE_DTYPE)
-        print0(f"Measured {device.type} matmul rate: {peak_flops / 1e9:.1f} GFLOP/s (the MFU denominator)")
+    peak_flops = mfu_denominator(device, args.peak_flops)
 
     min_val_bpb = loop_state.get("min_val_bpb", float("inf"))
     initial_val_bpb = loop_state.get("initial_val_bpb")
