@@ -68,6 +68,7 @@ MAX_TOTAL_CHARS = 32000
 MIN_TEMPERATURE, MAX_TEMPERATURE = 0.0, 2.0
 MIN_TOP_K, MAX_TOP_K = 0, 200  # 0 = no top-k
 MIN_MAX_TOKENS, MAX_MAX_TOKENS = 1, 4096
+MIN_SEED, MAX_SEED = -2**63, 2**63 - 1  # int64, as OpenAI; row i of a request samples from seed + i
 MAX_N = 8  # choices per /v1 request
 MAX_STOP = 4  # stop strings per request, as OpenAI
 MAX_STOP_CHARS = 200
@@ -314,12 +315,19 @@ class WorkerPool:
             if self.closed:
                 raise QueueFull("the server is shutting down")
             self.requests_total += 1
+            self._drop_cancelled()
             idle = sum(not w.busy for w in self.workers)  # a job for an idle worker waits only a moment
             if len(self.waiting) >= self.max_queue + idle:
                 self.requests_rejected += 1
                 raise QueueFull(f"the request queue is full ({self.max_queue} waiting)")
             self.waiting.append(job)
             self.cond.notify()
+
+    def _drop_cancelled(self):
+        """Forget queued jobs whose client left or timed out (call with self.cond held), so they
+        hold no queue slot while the workers are busy."""
+        if any(job.cancel.is_set() for job in self.waiting):
+            self.waiting = deque(job for job in self.waiting if not job.cancel.is_set())
 
     def retry_after(self):
         """Seconds until a slot is likely free: queue length x recent service time / workers."""
@@ -337,6 +345,8 @@ class WorkerPool:
             t.join(timeout=5)  # each worker notices the cancel flag within one token
 
     def stats(self):
+        with self.cond:
+            self._drop_cancelled()
         busy = sum(w.busy for w in self.workers)
         return {
             "total_workers": len(self.workers),
@@ -362,8 +372,7 @@ class WorkerPool:
         """Block until there is work; -> list of jobs (one, or several to decode together)."""
         with self.cond:
             while True:
-                while self.waiting and self.waiting[0].cancel.is_set():
-                    self.waiting.popleft()  # the client left while queued
+                self._drop_cancelled()  # the client left while queued
                 if self.waiting or self.closed:
                     break
                 self.cond.wait()
@@ -396,7 +405,9 @@ class WorkerPool:
                     job.worker_id = worker.id
                     job.started = now
                     job.push("start", worker.id)
-                if len(jobs) == 1:
+                # with batching on, a job of n > 1 rows goes through generate_multi even alone: its
+                # rows then sample from seed + i whether or not other jobs joined it (same seed, same text)
+                if len(jobs) == 1 and (jobs[0].n == 1 or not (worker.multi and self.max_batch > 1)):
                     self._serve_one(worker, jobs[0])
                 else:
                     self._serve_many(worker, jobs)
@@ -755,6 +766,7 @@ def create_app(engines, tokenizer, *, model_name="nanochat", devices=None, tempe
         check_range("top_k", k, MIN_TOP_K, MAX_TOP_K)
         check_range("max_tokens", max_new, MIN_MAX_TOKENS, MAX_MAX_TOKENS)
         check_range("n", n, 1, MAX_N)
+        check_range("seed", seed, MIN_SEED, MAX_SEED)
         if p is not None:
             if not (0.0 < p <= 1.0):
                 raise APIError(400, f"top_p must be in (0, 1], got {p}.", param="top_p")

@@ -38,6 +38,8 @@ class Conversation:
         room for max_tokens (or at least one token). Returns (prompt, turns dropped); prompt is
         None when the message alone does not fit."""
         turn = [self.user_start, *self.tokenizer.encode(text), self.user_end, self.assistant_start]
+        if 1 + len(turn) >= self.sequence_len:
+            return None, 0  # refused as it is: the history stays
         dropped = 0
         room = min(self.max_tokens, self.sequence_len - 1 - len(turn))
 
@@ -47,8 +49,6 @@ class Conversation:
         while self.turns and length() + room > self.sequence_len:
             self.turns.pop(0)
             dropped += 1
-        if length() >= self.sequence_len:
-            return None, dropped
         return [self.bos, *[t for past in self.turns for t in past], *turn], dropped
 
     def add_turn(self, prompt, reply):

@@ -100,3 +100,17 @@ def test_conversation_drops_oldest_turns_to_fit():
     assert conv.turns[-1][-11:] == [45] * 10 + [end]
     prompt, _ = conv.prompt_for("a " * 80)
     assert prompt is None  # a message that cannot fit even alone
+
+
+def test_too_long_message_keeps_the_conversation():
+    """A message that cannot fit is refused without dropping the turns that came before it."""
+    sys.path.insert(0, str(REPO))
+    from scripts.chat_cli import Conversation
+
+    tok = make_tokenizer(os.environ["NANOCHAT_BASE_DIR"], vocab_size=300)
+    conv = Conversation(tok, sequence_len=64, max_tokens=16)
+    prompt, _ = conv.prompt_for("the cat")
+    conv.add_turn(prompt, [40] * 5 + [tok.encode_special("<|assistant_end|>")])
+    turns = [list(t) for t in conv.turns]
+    assert conv.prompt_for("a " * 80) == (None, 0)
+    assert conv.turns == turns

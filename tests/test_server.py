@@ -206,6 +206,7 @@ BAD_BODIES = [
     ({**hello(), "top_k": -1}, 400, "top_k"),
     ({**hello(), "max_tokens": 0}, 400, "max_tokens"),
     ({**hello(), "max_tokens": 4097}, 400, "max_tokens"),
+    ({**hello(), "seed": 2**64}, 400, "seed"),  # torch generators take 64-bit seeds; not a 500 from the worker
     ({}, 422, "messages"),
     ({"messages": "hi"}, 422, "messages"),
     ({"messages": [{"content": "hi"}]}, 422, "messages.0.role"),
@@ -564,10 +565,8 @@ def test_no_batching_without_generate_multi_or_max_batch_1(tok):
 # A real (random-init) tiny GPT behind the real Engine
 
 
-def test_real_tiny_model(tok):
-    engine_mod = pytest.importorskip("nanochat.engine")
-    if not hasattr(engine_mod, "Engine"):
-        pytest.skip("nanochat.engine.Engine is not written yet")
+def tiny_gpt(tok):
+    """A random-init one-layer GPT for the real Engine."""
     import torch
 
     from nanochat.gpt import GPT, GPTConfig
@@ -577,7 +576,14 @@ def test_real_tiny_model(tok):
                           n_embd=64, window_pattern="L"))
     model.init_weights()
     model.eval()
-    engine = engine_mod.Engine(model, tok, compile=False)
+    return model
+
+
+def test_real_tiny_model(tok):
+    engine_mod = pytest.importorskip("nanochat.engine")
+    if not hasattr(engine_mod, "Engine"):
+        pytest.skip("nanochat.engine.Engine is not written yet")
+    engine = engine_mod.Engine(tiny_gpt(tok), tok, compile=False)
     with client_for(engine, tok) as c:
         body = {**hello(), "max_tokens": 16, "seed": 1, "temperature": 1.0}
         a = c.post("/v1/chat/completions", json=body).json()
@@ -587,3 +593,71 @@ def test_real_tiny_model(tok):
         events = sse_events(c.post("/chat/completions", json=body).text)
         assert events[-1] == {"done": True}
         assert not any(e.get("token", "").endswith("\ufffd") for e in events)  # never cut mid-character
+
+
+def test_seeded_n_rows_same_whether_batched_or_alone(tok):
+    """A request with a seed and n > 1 gets the same choices whether the worker decodes it alone
+    or together with other waiting requests (row i samples from seed + i either way)."""
+    from nanochat.engine import Engine
+
+    gate, running = threading.Event(), threading.Event()
+
+    class GatedEngine(Engine):  # the first generate() holds the worker until the others are queued
+        def generate(self, *args, **kwargs):
+            running.set()
+            gate.wait(10)
+            return super().generate(*args, **kwargs)
+
+    engine = GatedEngine(tiny_gpt(tok), tok, compile=False)
+    body = {**hello("the cat sees the moon"), "max_tokens": 12, "seed": 7, "temperature": 1.0, "n": 2}
+    with client_for(engine, tok, max_batch=4) as c:
+        results = {}
+
+        def post(name, b):
+            results[name] = c.post("/v1/chat/completions", json=b).json()
+
+        threads = [threading.Thread(target=post, args=("blocker", hello()))]
+        threads[0].start()
+        assert running.wait(10)
+        threads += [threading.Thread(target=post, args=("batched", body)),
+                    threading.Thread(target=post, args=("other", {**hello("a dog"), "temperature": 1.0}))]
+        for t in threads[1:]:
+            t.start()
+        deadline = time.time() + 10
+        while c.get("/health").json()["queue_depth"] < 2 and time.time() < deadline:
+            time.sleep(0.01)
+        gate.set()
+        for t in threads:
+            t.join(30)
+        assert c.get("/stats").json()["workers"][0]["max_batch_rows"] == 3  # they were decoded together
+        alone = c.post("/v1/chat/completions", json=body).json()
+    texts = lambda r: [ch["message"]["content"] for ch in r["choices"]]  # noqa: E731
+    assert texts(results["batched"]) == texts(alone)
+
+
+def test_requests_that_left_the_queue_free_their_slot(tok):
+    """A queued request that timed out (or whose client left) no longer counts against --max-queue."""
+    gate = threading.Event()
+    engine = FakeEngine(tok, gate=gate)
+    with client_for(engine, tok, max_queue=1, request_timeout=1.0) as c:
+        results = {}
+
+        def post(name):
+            results[name] = c.post("/v1/chat/completions", json=hello(name))
+
+        first = threading.Thread(target=post, args=("first",))
+        first.start()
+        assert engine.running.wait(10)  # the worker is stuck on "first"
+        post("queued")  # waits in the queue until its deadline
+        assert results["queued"].status_code == 504
+        assert c.get("/health").json()["queue_depth"] == 0
+        third = threading.Thread(target=post, args=("third",))
+        third.start()
+        deadline = time.time() + 10
+        while c.get("/health").json()["queue_depth"] < 1 and time.time() < deadline and third.is_alive():
+            time.sleep(0.01)
+        gate.set()
+        first.join(10)
+        third.join(10)
+        assert results["third"].status_code == 200, results["third"].json()
+        assert results["third"].json()["choices"][0]["message"]["content"] == "You said: third"
