@@ -123,6 +123,7 @@ def _decode_step(model, weights, ids, decode):
     return model.forward_decode(ids, *decode)
 
 _BUCKET_MIN = 64  # smallest attention span a decode step reads; spans grow in powers of two
+_KEEP_CACHES = 4  # decode caches kept between calls (each is batch x context x layers)
 _CACHE_ROUND = 256  # decode caches are allocated in multiples of this (reused while they fit)
 
 
@@ -194,12 +195,16 @@ class Engine:
         """A (batch_size, >= needed) decode cache, reused across calls while it fits. A cache held
         by a generation still running (two generators open on one engine) is never handed out
         twice: the second gets a private one."""
-        cache = self._caches.get(batch_size)
+        cache = self._caches.pop(batch_size, None)  # re-inserted below: the dict's order is recency
         if cache is not None and id(cache) in self._busy:
+            self._caches[batch_size] = cache
             return self._new_cache(batch_size, needed, static=False)
         if cache is None or cache.max_seq_len < needed:
-            self._caches.pop(batch_size, None)
-            cache = self._caches[batch_size] = self._new_cache(batch_size, needed, static=True)
+            cache = self._new_cache(batch_size, needed, static=True)
+        self._caches[batch_size] = cache
+        # a server sees many batch sizes: keep the few most recently used caches, not one per size forever
+        for size in [b for b, c in self._caches.items() if id(c) not in self._busy][:-_KEEP_CACHES]:
+            del self._caches[size]
         return cache
 
     def _new_cache(self, batch_size, needed, static):

@@ -264,6 +264,13 @@ def test_kv_cache_is_in_compute_dtype_and_reused(tokenizer):
     assert engine._caches[2] is cache  # sized once, reused while it fits
 
 
+def test_only_the_most_recent_decode_caches_are_kept(tokenizer):
+    engine = Engine(build(), tokenizer, compile=False)
+    for b in (1, 2, 3, 4, 5, 6, 2):
+        columns(engine, [1, 2, 3], num_samples=b, max_tokens=2, temperature=0.0)
+    assert list(engine._caches) == [4, 5, 6, 2]  # least recently used first; 1 and 3 were dropped
+
+
 # -----------------------------------------------------------------------------
 # several different prompts in one batch
 
