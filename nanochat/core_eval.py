@@ -18,12 +18,20 @@ Three task types:
 - language_modeling: the prompt with and without the continuation; correct iff greedy argmax
   reproduces every continuation token.
 
-Speed beyond upstream: on CUDA the rows (choice prompts) of several examples are packed into one
-right-padded forward up to a token budget (`batch_tokens`), longest examples first; with a causal
-model padding never reaches a scored position, so every example's result equals the
-one-example-per-forward result up to float rounding (tests/test_core_eval.py checks this). Only
-the scored positions' logits are used for the losses. Prompts longer than the model's context
-are cropped from the left (upstream crashes on them past the 10x rotary cache).
+Speed beyond upstream (each checked against one forward per example over the full rows, per
+example, in tests/test_core_eval.py; measured by bench/core_eval.py):
+- CPU default (`share_prefix`, nanochat GPTs): an example's positions before its first scored
+  one are run once through the blocks only (no lm_head), into a KV cache; when the rows share
+  them (multiple choice: the few-shot prompt and query) that is one batch-1 pass instead of one per
+  choice. Then each row's remainder runs against a copy of the cache and only it reaches the
+  lm_head. A 10-shot 4-choice example costs ~1/4 of upstream's forward (10x faster on arc_easy
+  in the bench); short 0-shot tasks gain up to ~1.5x from skipping unscored positions' logits.
+- CUDA default (`batch_tokens`): the rows of several examples are packed into one right-padded
+  forward up to a token budget, longest examples first, to amortize per-forward overhead.
+With a causal model neither padding nor the cache changes a scored position's inputs, so every
+example's result equals the one-forward result up to float rounding. Only the scored positions'
+logits are used for the losses. Prompts longer than the model's context are cropped from the
+left (upstream crashes on them past the 10x rotary cache).
 """
 
 import csv
@@ -40,7 +48,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from nanochat.common import NanochatError, download_file, get_base_dir, is_url, logger, print0
+from nanochat.common import COMPUTE_DTYPE, NanochatError, download_file, get_base_dir, is_url, logger, print0
 
 BUNDLE_URL = "https://karpathy-public.s3.us-west-2.amazonaws.com/eval_bundle.zip"
 TASK_TYPES = ("multiple_choice", "schema", "language_modeling")
@@ -75,9 +83,9 @@ CORE_TASKS = {
 
 # Tokens per packed forward (rows x padded length). On CUDA packing amortizes the per-forward launch
 # overhead of small prompts; logits take rows*T*V*4 bytes (1 GiB at 8192 tokens and V=32768). On CPU
-# packing measured *slower* (1 thread, d2/n_embd 128, V=4096, 64 examples, best of 4: copa 0.20 s
-# unpacked vs 0.41 s at 4096 tokens, arc_easy 10-shot 7.0 s vs 7.9 s): compute-bound there, and the
-# big logits tensor is memory-bound, so on CPU the default is one example per forward.
+# packing gains nothing (compute-bound: bench/core_eval.py, packed ~= plain to within a few %,
+# sometimes slower from padding and the big logits tensor), while sharing the prefix cuts the
+# compute itself, so on CPU the default is one example at a time with share_prefix.
 DEFAULT_BATCH_TOKENS = 8192
 PAD_MULTIPLE = 16  # packed rows are padded to a multiple of this (fewer distinct shapes to compile)
 
@@ -393,7 +401,7 @@ def model_context_length(model):
 
 
 @torch.no_grad()
-def _score_rows(model, rows, starts, ends, pad_id, device, max_len=None, pad_multiple=1):
+def _score_rows(model, rows, starts, ends, pad_id, device, max_len=None, pad_multiple=1, kv_cache=None):
     """One forward over right-padded rows -> (mean loss over each span, whether greedy argmax
     reproduces each span). Position t predicts token t+1, so span [s, e) reads logits [s-1, e-1).
     Only the scored positions' logits are gathered, and results cross to the host once."""
@@ -409,7 +417,7 @@ def _score_rows(model, rows, starts, ends, pad_id, device, max_len=None, pad_mul
     ids = ids.to(device)
     row_idx = torch.tensor(row_idx, dtype=torch.long, device=device)
     pos_idx = torch.tensor(pos_idx, dtype=torch.long, device=device)
-    logits = model(ids)
+    logits = model(ids) if kv_cache is None else model(ids, kv_cache=kv_cache)
     lg = logits[row_idx, pos_idx].float()
     tgt = ids[row_idx, pos_idx + 1]
     losses = F.cross_entropy(lg, tgt, reduction="none").cpu()
@@ -421,6 +429,107 @@ def _score_rows(model, rows, starts, ends, pad_id, device, max_len=None, pad_mul
         exact.append(bool(hits[k:k + e - s].all()))
         k += e - s
     return mean_losses, exact
+
+
+class _StopForward(Exception):
+    """Raised by a hook to end a forward once the KV cache is written (the prefix pass)."""
+
+
+class _RowCache:
+    """The KV cache interface GPT.forward uses (get_pos, get_layer_cache, advance, cache_seqlens,
+    prev_embedding) over caller-owned (n_layer, B, T, H_kv, D) tensors, which may be views."""
+
+    def __init__(self, k, v, pos=0, prev_embedding=None):
+        self.k_cache, self.v_cache = k, v
+        self.cache_seqlens = torch.full((k.size(1),), pos, dtype=torch.int32, device=k.device)
+        self.prev_embedding = prev_embedding
+
+    def get_pos(self):
+        return int(self.cache_seqlens[0])
+
+    def get_layer_cache(self, layer_idx):
+        return self.k_cache[layer_idx], self.v_cache[layer_idx]
+
+    def advance(self, num_tokens):
+        self.cache_seqlens += num_tokens
+
+
+MIN_PREFIX = 4  # with fewer unscored leading positions an example is scored in one forward
+
+
+class _PrefixScorer:
+    """Scores one example in two forwards of a nanochat GPT: positions [0, P) before the first
+    scored one (P = min(starts) - 1) through the blocks only, stopped by a hook as soon as the last
+    layer has written its keys/values (so no lm_head, no logits): once at batch 1 when all rows
+    share them (MC), else for every row; then every row's remainder against a copy of that cache,
+    its logits covering the scored spans and little else. A 10-shot 4-choice prompt thus costs ~1x
+    its length instead of 4x, and the lm_head runs on a few positions per row instead of all.
+    Causal attention makes the cached keys/values the same as in one full forward, so results
+    equal the one-forward ones up to float rounding (tests/test_core_eval.py checks this). The
+    hook is registered for one evaluate_task call and removed by close()."""
+
+    def __init__(self, model):
+        self.model = model
+        cfg = model.config
+        self.n_layer, self.n_kv_head, self.head_dim = cfg.n_layer, cfg.n_kv_head, cfg.n_embd // cfg.n_head
+        last = model.transformer.h[-1]
+        proj = getattr(getattr(last, "attn", None), "c_proj", None)
+        self.armed, self.buf = False, None
+        if proj is not None:  # after the last attention call: the cache is complete
+            self.handle = proj.register_forward_pre_hook(self._stop)
+        else:
+            self.handle = last.register_forward_hook(self._stop)
+
+    @staticmethod
+    def supports(model):
+        from nanochat.gpt import GPT
+        return isinstance(model, GPT)
+
+    def _cache_tensors(self, shape, device):
+        """k and v of `shape`, carved from one buffer kept across examples (a fresh large tensor per
+        example costs page faults on CPU); the buffer grows to the largest example seen."""
+        n = 1
+        for d in shape:
+            n *= d
+        if self.buf is None or self.buf.numel() < 2 * n or self.buf.device != torch.device(device):
+            self.buf = torch.empty(2 * n, dtype=COMPUTE_DTYPE, device=device)
+        return self.buf[:n].view(shape), self.buf[n:2 * n].view(shape)
+
+    def _stop(self, *args):
+        if self.armed:
+            raise _StopForward
+
+    def close(self):
+        self.handle.remove()
+        self.buf = None
+
+    @torch.no_grad()
+    def score(self, rows, starts, ends, pad_id, device):
+        # positions [0, P) are never read as logits (span [s, e) reads [s-1, e-1)): run them
+        # without the lm_head, once if all rows share them (MC prompts), else as a batch (schema)
+        P = min(starts) - 1
+        if P < MIN_PREFIX:
+            return _score_rows(self.model, rows, starts, ends, pad_id, device)
+        shared = common_prefix_length(rows) >= P
+        B, S = len(rows), max(len(r) for r in rows) - P
+        k, v = self._cache_tensors((self.n_layer, B, P + S, self.n_kv_head, self.head_dim), device)
+        n = 1 if shared else B
+        head = _RowCache(k[:, :n], v[:, :n])  # the prefix pass writes row 0 (or every row)
+        self.armed = True
+        try:
+            self.model(torch.tensor([r[:P] for r in rows[:n]], dtype=torch.long, device=device), kv_cache=head)
+        except _StopForward:
+            pass
+        finally:
+            self.armed = False
+        if n < B:
+            k[:, n:, :P] = k[:, :n, :P]
+            v[:, n:, :P] = v[:, :n, :P]
+        prev = head.prev_embedding
+        cache = _RowCache(k, v, P, None if prev is None else prev.expand(B, -1, -1))
+        rest = [r[P:] for r in rows]
+        return _score_rows(self.model, rest, [s - P for s in starts], [e - P for e in ends], pad_id, device,
+                           kv_cache=cache)
 
 
 def _batches(examples, batch_tokens):
@@ -450,12 +559,38 @@ def _dist():
     return 0, 1
 
 
+def _score_batch(model, scorer, batch, task_type, pad_id, device, max_len, pad_multiple, correct, details):
+    """Score a batch of examples (one forward, or the prefix scorer's two for a single example)
+    and record each one's correctness and per-row mean losses."""
+    rows = [r for ex in batch for r in ex.rows]
+    starts = [s for ex in batch for s in ex.starts]
+    ends = [e for ex in batch for e in ex.ends]
+    if scorer is not None and len(batch) == 1:
+        losses, exact = scorer.score(rows, starts, ends, pad_id, device)
+    else:
+        losses, exact = _score_rows(model, rows, starts, ends, pad_id, device, max_len, pad_multiple)
+    k = 0
+    for ex in batch:
+        ex_losses, ex_exact = losses[k:k + len(ex.rows)], exact[k:k + len(ex.rows)]
+        k += len(ex.rows)
+        if task_type == "language_modeling":
+            ok = ex_exact[0]
+        else:  # lowest mean loss wins; the first on a tie (as argmin)
+            ok = min(range(len(ex_losses)), key=ex_losses.__getitem__) == ex.gold
+        correct[ex.index] = float(ok)
+        details[ex.index] = (ok, ex_losses)
+
+
 def evaluate_task(model, tokenizer, data, device, task_type, num_fewshot=0, delimiter=" ",
-                  batch_tokens=None, max_len=None, progress=False, desc=None, return_details=False):
+                  batch_tokens=None, max_len=None, progress=False, desc=None, return_details=False,
+                  share_prefix=None):
     """Accuracy of `model` on `data` (already shuffled/truncated). Examples are strided over
     ranks and the correctness vector is summed across them. max_len defaults to the model's
     context. batch_tokens: the packing budget (None: default_batch_tokens(device); 0: one example
-    per forward). return_details adds per-example correctness and mean losses (this rank's)."""
+    at a time). share_prefix (with batch_tokens 0; None: on for nanochat GPTs): score each example
+    as its shared prompt prefix once plus the rows' remainders (_PrefixScorer) instead of one
+    forward over the full rows. return_details adds per-example correctness and mean losses (this
+    rank's)."""
     from tqdm import tqdm
 
     rank, world = _dist()
@@ -473,23 +608,18 @@ def evaluate_task(model, tokenizer, data, device, task_type, num_fewshot=0, deli
     correct = torch.zeros(len(data), dtype=torch.float32)
     details = {}
     pad_multiple = PAD_MULTIPLE if batch_tokens > 0 else 1
+    base = getattr(model, "_orig_mod", model)  # torch.compile'd: the cache pass runs eagerly
+    if share_prefix is None:
+        share_prefix = _PrefixScorer.supports(base)
+    scorer = _PrefixScorer(base) if share_prefix and batch_tokens <= 0 else None
     bar = tqdm(total=len(examples), desc=desc, leave=False, disable=not (progress and rank == 0))
-    for batch in _batches(examples, batch_tokens):
-        rows = [r for ex in batch for r in ex.rows]
-        starts = [s for ex in batch for s in ex.starts]
-        ends = [e for ex in batch for e in ex.ends]
-        losses, exact = _score_rows(model, rows, starts, ends, pad_id, device, max_len, pad_multiple)
-        k = 0
-        for ex in batch:
-            ex_losses, ex_exact = losses[k:k + len(ex.rows)], exact[k:k + len(ex.rows)]
-            k += len(ex.rows)
-            if task_type == "language_modeling":
-                ok = ex_exact[0]
-            else:  # lowest mean loss wins; the first on a tie (as argmin)
-                ok = min(range(len(ex_losses)), key=ex_losses.__getitem__) == ex.gold
-            correct[ex.index] = float(ok)
-            details[ex.index] = (ok, ex_losses)
-        bar.update(len(batch))
+    try:
+        for batch in _batches(examples, batch_tokens):
+            _score_batch(model, scorer, batch, task_type, pad_id, device, max_len, pad_multiple, correct, details)
+            bar.update(len(batch))
+    finally:
+        if scorer is not None:
+            scorer.close()
     bar.close()
     if world > 1:
         correct = correct.to(device)
@@ -516,11 +646,12 @@ def shuffle_and_truncate(data, max_per_task):
 
 
 def evaluate_model(model, tokenizer, device, max_per_task=-1, bundle_dir=None, tasks=None,
-                   batch_tokens=None, max_len=None, progress=True):
+                   batch_tokens=None, max_len=None, progress=True, share_prefix=None):
     """CORE of a model. `bundle_dir`: None (download once to base_dir/eval_bundle), a directory,
     a .zip or a URL. `tasks`: optional subset of labels. `max_len`: crop prompts to this many tokens
     (default: the model's context; upstream only crops HF models, so prompts between sequence_len
-    and the 10x rotary cache score differently there). Returns {results, centered_results,
+    and the 10x rotary cache score differently there). `batch_tokens`, `share_prefix`: see
+    evaluate_task (defaults: packing on CUDA, shared prefix on CPU). Returns {results, centered_results,
     core_metric, partial, tasks_missing, tasks_evaluated, num_examples, seconds}; core_metric is the
     mean centered accuracy over the tasks evaluated, and `partial` says it is not over all 22."""
     bundle = get_eval_bundle(bundle_dir, progress=progress)
@@ -546,7 +677,8 @@ def evaluate_model(model, tokenizer, device, max_per_task=-1, bundle_dir=None, t
         t0 = time.time()
         data = shuffle_and_truncate(load_jsonl(spec.path, spec.task_type), max_per_task)
         acc = evaluate_task(model, tokenizer, data, device, spec.task_type, spec.num_fewshot, spec.delimiter,
-                            batch_tokens=batch_tokens, max_len=max_len, progress=progress, desc=spec.label)
+                            batch_tokens=batch_tokens, max_len=max_len, progress=progress, desc=spec.label,
+                            share_prefix=share_prefix)
         results[spec.label] = acc
         centered[spec.label] = centered_accuracy(acc, spec.baseline)
         counts[spec.label] = len(data)

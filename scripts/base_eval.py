@@ -50,6 +50,10 @@ def parse_args(argv=None):
     p.add_argument("--core-batch-tokens", type=int, default=-1,
                    help=f"tokens per packed CORE forward (0: one example per forward, as upstream; "
                         f"-1: {core_eval.DEFAULT_BATCH_TOKENS} on CUDA, 0 elsewhere)")
+    p.add_argument("--core-share-prefix", choices=("auto", "on", "off"), default="auto",
+                   help="score each CORE example's unscored prompt prefix once, without the lm_head "
+                        "(auto: on for nanochat models when not packing, i.e. on CPU; off: upstream's "
+                        "one full forward per example)")
     p.add_argument("--data-dir", default=None, help="pretraining shards for bpb (default: base_dir/base_data)")
     args = p.parse_args(argv)
     args.evals = [e.strip() for e in args.eval.split(",") if e.strip()]
@@ -248,8 +252,10 @@ def main(argv=None):
     if "core" in args.evals:
         tasks = [t.strip() for t in args.core_tasks.split(",") if t.strip()] if args.core_tasks else None
         batch_tokens = None if args.core_batch_tokens < 0 else args.core_batch_tokens
+        share_prefix = {"auto": None, "on": True, "off": False}[args.core_share_prefix]
         core = core_eval.evaluate_model(model, tokenizer, device, max_per_task=args.max_per_task,
-                                        bundle_dir=args.bundle_dir, tasks=tasks, batch_tokens=batch_tokens)
+                                        bundle_dir=args.bundle_dir, tasks=tasks, batch_tokens=batch_tokens,
+                                        share_prefix=share_prefix)
         print_core_table(core)
         summary.update({"core_metric": core["core_metric"], "core_partial": core["partial"],
                         "tasks_missing": core["tasks_missing"], "results": core["results"],

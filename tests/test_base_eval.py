@@ -105,6 +105,17 @@ def test_all_three_evals_in_process(tiny_run, capsys):
         assert float(r[1]) == pytest.approx(res["results"][r[0]], abs=1e-6)
 
 
+def test_core_modes_agree(tiny_run, capsys):
+    """Upstream's one full forward per example, the CPU default (shared prefix) and packing give
+    the same CORE results."""
+    common = ["--device-type=cpu", "--eval=core", f"--bundle-dir={tiny_run['bundle']}"]
+    results = []
+    for extra in (["--core-batch-tokens=0", "--core-share-prefix=off"], [], ["--core-batch-tokens=2048"]):
+        _, _, last = _run(common + extra, capsys)
+        results.append(last["base_eval"]["results"])
+    assert results[0] == results[1] == results[2]
+
+
 def test_bad_input(tiny_run, capsys, tmp_path):
     from scripts import base_eval
     with pytest.raises(NanochatError, match="unknown evaluation"):

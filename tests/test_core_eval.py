@@ -351,7 +351,7 @@ def test_packed_equals_one_example_per_forward(tiny_tokenizer, trained_tiny):
     accs = {}
     for task_type, data, shots in SETS:
         ref_acc, ref = ce.evaluate_task(trained_tiny, tiny_tokenizer, data, "cpu", task_type, shots, " ",
-                                        batch_tokens=0, return_details=True)
+                                        batch_tokens=0, share_prefix=False, return_details=True)
         accs[task_type] = ref_acc
         for budget in (256, 1024, 100_000):
             acc, got = ce.evaluate_task(trained_tiny, tiny_tokenizer, data, "cpu", task_type, shots, " ",
@@ -362,6 +362,73 @@ def test_packed_equals_one_example_per_forward(tiny_tokenizer, trained_tiny):
                 assert got[i][1] == pytest.approx(ref[i][1], abs=1e-5, rel=0)
     assert 0.0 < accs["language_modeling"] < 1.0  # a mix of right and wrong answers was compared
     assert accs["multiple_choice"] > 0.5
+
+
+def _assert_same_details(got, ref, n, tol=1e-5):
+    assert [got[i][0] for i in range(n)] == [ref[i][0] for i in range(n)]
+    for i in range(n):
+        assert got[i][1] == pytest.approx(ref[i][1], abs=tol, rel=0)
+
+
+def _count_prefix_passes(monkeypatch):
+    """Count _RowCache constructions (two per example scored by the prefix scorer)."""
+    made = []
+    orig = ce._RowCache.__init__
+
+    def init(self, *args, **kwargs):
+        made.append(1)
+        orig(self, *args, **kwargs)
+    monkeypatch.setattr(ce._RowCache, "__init__", init)
+    return made
+
+
+@pytest.mark.parametrize("min_prefix", [1, ce.MIN_PREFIX])
+def test_shared_prefix_equals_one_example_per_forward(tiny_tokenizer, trained_tiny, monkeypatch, min_prefix):
+    """The CPU default (prefix once without the lm_head, then each row's remainder against its
+    cached keys/values) gives the one-forward results: same answers, losses to float rounding.
+    MC rows share their prefix (batch-1 prefix pass), schema rows do not (batch-of-rows pass)."""
+    monkeypatch.setattr(ce, "MIN_PREFIX", min_prefix)
+    made = _count_prefix_passes(monkeypatch)
+    for task_type, data, shots in SETS:
+        ref_acc, ref = ce.evaluate_task(trained_tiny, tiny_tokenizer, data, "cpu", task_type, shots, " ",
+                                        batch_tokens=0, share_prefix=False, return_details=True)
+        assert not made
+        acc, got = ce.evaluate_task(trained_tiny, tiny_tokenizer, data, "cpu", task_type, shots, " ",
+                                    return_details=True)  # CPU default: share_prefix on
+        assert acc == ref_acc
+        _assert_same_details(got, ref, len(data))
+        assert made, f"{task_type}: the prefix scorer was not used"
+        made.clear()
+    last = trained_tiny.transformer.h[-1]
+    assert not last.attn.c_proj._forward_pre_hooks and not last._forward_hooks  # hooks removed
+
+
+def test_shared_prefix_with_sliding_window_and_gqa(tiny_tokenizer):
+    """Short-window layers and grouped KV heads through the cached path: prompts longer than the
+    short window (128 at sequence_len 256), so the window masks matter."""
+    from nanochat.gpt import GPT, GPTConfig
+    cfg = GPTConfig(sequence_len=256, vocab_size=tiny_tokenizer.get_vocab_size(), n_layer=3, n_head=2,
+                    n_kv_head=1, n_embd=64, window_pattern="SL")
+    torch.manual_seed(3)
+    with torch.device("meta"):
+        model = GPT(cfg)
+    model.to_empty(device="cpu")
+    model.init_weights()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    model.eval()
+    assert model.window_sizes[0][0] == 128
+    data = mc_rows(12)
+    ex = ce.prepare_example(0, data, "multiple_choice", 8, " ", tiny_tokenizer)
+    assert max(len(r) for r in ex.rows) > 140
+    for task_type, rows, shots in [("multiple_choice", data, 8), ("language_modeling", lm_rows(12), 10)]:
+        ref_acc, ref = ce.evaluate_task(model, tiny_tokenizer, rows, "cpu", task_type, shots, " ",
+                                        batch_tokens=0, share_prefix=False, return_details=True)
+        acc, got = ce.evaluate_task(model, tiny_tokenizer, rows, "cpu", task_type, shots, " ",
+                                    batch_tokens=0, share_prefix=True, return_details=True)
+        assert acc == ref_acc
+        _assert_same_details(got, ref, len(rows))
 
 
 def test_long_prompts_are_cropped_to_the_model_context(tiny_tokenizer):
@@ -402,6 +469,26 @@ def test_real_bundle_partial_core_with_tiny_model(tmp_path):
     assert all(0.0 <= a <= 1.0 for a in out["results"].values())
     assert out["core_metric"] == pytest.approx(sum(out["centered_results"].values()) / len(tasks))
     assert ce.core_label(out) == f"CORE (partial: {len(tasks)}/22 tasks)"
+
+
+@pytest.mark.skipif(not os.path.isdir(REAL_BUNDLE), reason="../shared/data/eval_bundle is absent")
+def test_real_tasks_shared_prefix_and_packed_equal_one_forward():
+    """On real prompts (10-shot MC, 0-shot schema, LM) the default scoring and packing give the
+    per-example results of one forward per example over the full rows."""
+    from nanochat.tokenizer import Tokenizer
+    tasks = {t.label: t for t in ce.load_bundle_tasks(REAL_BUNDLE)[0]}
+    labels = [x for x in ("arc_easy", "winograd", "lambada_openai") if x in tasks]
+    texts = [json.dumps(r) for x in labels for r in ce.load_jsonl(tasks[x].path)[:30]]
+    tok = Tokenizer.train_from_iterator(iter(texts), vocab_size=400)
+    model = _tiny_gpt(tok.get_vocab_size(), sequence_len=512, seed=2)
+    for label in labels:
+        t = tasks[label]
+        data = ce.shuffle_and_truncate(ce.load_jsonl(t.path, t.task_type), 6)
+        args = (model, tok, data, "cpu", t.task_type, t.num_fewshot, t.delimiter)
+        _, ref = ce.evaluate_task(*args, batch_tokens=0, share_prefix=False, return_details=True)
+        for kwargs in ({"batch_tokens": 0, "share_prefix": True}, {"batch_tokens": 4096}):
+            _, got = ce.evaluate_task(*args, return_details=True, **kwargs)
+            _assert_same_details(got, ref, len(data))
 
 
 # -----------------------------------------------------------------------------
