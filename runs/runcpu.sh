@@ -32,13 +32,13 @@ if [ "${NANOCHAT_QUICK:-0}" = 1 ]; then
   VOCAB=2048; MAX_CHARS=20000000
   DEPTH=2; SEQ=128; BATCH=8; TOTAL=1024; STEPS=20; EVAL_TOKENS=8192; COMPILE=0
   CORE_PER_TASK=4; SPLIT_TOKENS=4096
-  IDENTITY=200; SFT_STEPS=10; SFT_TOTAL=1024
+  IDENTITY=200; SFT_STEPS=10
   CHAT_PROBLEMS=2; CHAT_TOKENS=32
 else
   VOCAB=8192; MAX_CHARS=1000000000
-  DEPTH=4; SEQ=512; BATCH=16; TOTAL=8192; STEPS=1000; EVAL_TOKENS=131072; COMPILE=1
+  DEPTH=4; SEQ=512; BATCH=8; TOTAL=4096; STEPS=1200; EVAL_TOKENS=131072; COMPILE=1
   CORE_PER_TASK=32; SPLIT_TOKENS=65536
-  IDENTITY=1000; SFT_STEPS=300; SFT_TOTAL=8192
+  IDENTITY=1000; SFT_STEPS=300
   CHAT_PROBLEMS=24; CHAT_TOKENS=256
 fi
 TAG="d$DEPTH"
@@ -76,7 +76,7 @@ python -m scripts.base_eval --eval=$EVALS --model-tag=$TAG --device-batch-size=$
 
 # ---- chat: identity conversations, SFT on the mixture (absent tasks skipped), chat eval ----
 python -m scripts.gen_identity --num=$IDENTITY
-python -m scripts.chat_sft --model-tag=$TAG --num-iterations=$SFT_STEPS --total-batch-size=$SFT_TOTAL \
+python -m scripts.chat_sft --model-tag=$TAG --num-iterations=$SFT_STEPS \
   --eval-every=$((SFT_STEPS / 2)) --eval-tokens=$EVAL_TOKENS --chatcore-every=-1 --compile=$COMPILE
 python -m scripts.chat_eval -i sft -g $TAG -x $CHAT_PROBLEMS -m $CHAT_TOKENS
 
