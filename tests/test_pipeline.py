@@ -62,6 +62,7 @@ def make_task_data(out_dir):
             f.writelines(json.dumps(r) + "\n" for r in rows)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
 def test_quick_pipeline_end_to_end(tmp_path):
     text_dir, shards = tmp_path / "text", tmp_path / "shards"
