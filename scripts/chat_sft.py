@@ -205,7 +205,7 @@ def _build_components(components, strict, TaskDataMissing):
         except (TaskDataMissing, FileNotFoundError) as e:
             if strict:
                 raise NanochatError(f"mixture component {name} has no data ({e}); fetch it or drop --strict-data.") from None
-            print0(f"warning: skipping mixture component {name}: its data is not available offline ({e})")
+            print0(f"warning: skipping mixture component {name}: {e}")
             missing.add(name)
             continue
         if n == 0:
