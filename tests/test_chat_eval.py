@@ -271,8 +271,9 @@ def _missing_on_one_rank_worker(rank, world, init_file, tok_dir, data, out_dir):
     from nanochat.tokenizer import Tokenizer
 
     torch.set_num_threads(1)
+    os.environ["HF_HUB_OFFLINE"] = "1"  # rank 1 must find its data missing at once, not after network retries
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=30))
+                            timeout=datetime.timedelta(seconds=120))
     try:
         tok = Tokenizer.from_directory(tok_dir)
         model = build_tiny_model(tok.get_vocab_size())

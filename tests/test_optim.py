@@ -5,7 +5,6 @@ and 2 gloo ranks == 1 rank with the averaged gradient."""
 import io
 import math
 import os
-import socket
 
 import pytest
 import torch
@@ -327,9 +326,10 @@ def half_batch_grads(params, step, half):
     return grads
 
 
-def dist_worker(rank, world, port, out_dir):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), NANOCHAT_COMPILE_OPTIM="0")
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+def dist_worker(rank, world, init_file, out_dir):
+    os.environ["NANOCHAT_COMPILE_OPTIM"] = "0"
+    # a rendezvous file, not a "free" port another process could take between probe and bind
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
         params, groups = dist_problem()
         opt = MuonAdamW(groups)
@@ -358,14 +358,8 @@ def dist_worker(rank, world, port, out_dir):
         dist.destroy_process_group()
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_two_gloo_ranks_match_one_rank_with_averaged_grads(tmp_path):
-    mp.spawn(dist_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(dist_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
 
     params, groups = dist_problem()
     opt = MuonAdamW(groups)
