@@ -362,12 +362,18 @@ class StopRequest:
 def training_session():
     """Run a training loop so that an in-process caller (a test, a notebook) gets its interpreter
     back as it was: the loops freeze and disable the garbage collector after their first step and
-    install StopRequest's signal handlers."""
+    install StopRequest's signal handlers (and --data-dir flags export NANOCHAT_TASK_DATA_DIR)."""
     handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
     gc_enabled = gc.isenabled()
+    env = dict(os.environ)
     try:
         yield
     finally:
+        for key in set(os.environ) - set(env):
+            del os.environ[key]
+        for key, value in env.items():
+            if os.environ.get(key) != value:
+                os.environ[key] = value
         for s, handler in handlers.items():
             if handler is not None:
                 signal.signal(s, handler)
