@@ -16,9 +16,7 @@ import argparse
 import asyncio
 import json
 import random
-import socket
 import statistics
-import threading
 import time
 
 
@@ -42,28 +40,6 @@ def build_engine(args):
     model.init_weights()
     model.eval()
     return Engine(model, tok, compile=bool(args.compile)), tok, texts
-
-
-class Server:
-    def __init__(self, app):
-        import uvicorn
-
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
-        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
-        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
-
-    def __enter__(self):
-        self.thread.start()
-        while not self.server.started:
-            time.sleep(0.01)
-        return self
-
-    def __exit__(self, *exc):
-        self.server.should_exit = True
-        self.thread.join(10)
-        self.sock.close()
 
 
 async def drive(url, args, prompts):
@@ -109,11 +85,11 @@ async def drive(url, args, prompts):
 
 
 def run_mode(engine, tok, prompts, args, max_batch):
-    from nanochat.server import create_app
+    from nanochat.server import BackgroundServer, create_app
 
     app = create_app([engine], tok, model_name="bench", devices=[args.device], max_batch=max_batch,
                      max_queue=args.clients * 2, request_timeout=None, max_tokens=args.max_tokens)
-    with Server(app) as server:
+    with BackgroundServer(app) as server:
         warm = argparse.Namespace(**{**vars(args), "clients": min(args.clients, max_batch), "requests": 1})
         asyncio.run(drive(server.url, warm, prompts))  # warm-up: allocations, caches, compile
         return asyncio.run(drive(server.url, args, prompts))

@@ -1004,3 +1004,42 @@ def load_engines(num_gpus=1, source="sft", device_type="", model_tag=None, step=
         engines.append(Engine(model, tokenizer))
     tag = os.path.basename(os.path.normpath(checkpoint_dir))
     return engines, tokenizer, devices, f"nanochat-{source}-{tag}-step{step:06d}"
+
+
+# -----------------------------------------------------------------------------
+# Serving in the background (tests, benchmarks, notebooks)
+
+
+class BackgroundServer:
+    """`with BackgroundServer(app) as s:` serves `app` under uvicorn on a free loopback port
+    (s.url) from a daemon thread, and shuts it down on exit."""
+
+    def __init__(self, app, start_timeout=20.0):
+        import socket
+
+        import uvicorn
+
+        self.start_timeout = start_timeout
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        config = uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning", lifespan="on",
+                                timeout_graceful_shutdown=2)
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        deadline = time.time() + self.start_timeout
+        while not self.server.started:
+            if time.time() > deadline or not self.thread.is_alive():
+                raise RuntimeError("uvicorn did not start")
+            time.sleep(0.01)
+        return self
+
+    def __exit__(self, *exc):
+        self.server.should_exit = True
+        self.thread.join(10)
+        self.sock.close()

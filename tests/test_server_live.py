@@ -9,9 +9,8 @@ import httpx
 import pytest
 import torch
 from server_fakes import FakeEngine, last_user_text, tiny_tokenizer
-from server_live import LiveServer
 
-from nanochat.server import create_app
+from nanochat.server import BackgroundServer, create_app
 
 openai = pytest.importorskip("openai")
 MODEL = "nanochat-live"
@@ -39,7 +38,7 @@ def tok():
 
 def test_openai_client_against_tiny_model(tok):
     app = create_app([tiny_engine(tok)], tok, model_name=MODEL, max_batch=4)
-    with LiveServer(app) as server:
+    with BackgroundServer(app) as server:
         client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
         assert [m.id for m in client.models.list()] == [MODEL]
         messages = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "the cat sees"}]
@@ -72,7 +71,7 @@ def test_openai_client_against_tiny_model(tok):
 
 def test_openai_client_auth(tok):
     app = create_app([FakeEngine(tok)], tok, model_name=MODEL, api_key="k3y")
-    with LiveServer(app) as server:
+    with BackgroundServer(app) as server:
         bad = openai.OpenAI(base_url=server.url + "/v1", api_key="wrong", max_retries=0)
         with pytest.raises(openai.AuthenticationError):
             bad.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}])
@@ -113,7 +112,7 @@ def test_32_concurrent_streams_all_complete(tok):
             stats = (await client.get("/stats")).json()
         return results, health_times, stats
 
-    with LiveServer(app) as server:
+    with BackgroundServer(app) as server:
         results, health_times, stats = asyncio.run(run(server.url))
     assert len(results) == 32
     for lines in results:
@@ -130,7 +129,7 @@ def test_disconnect_mid_stream_frees_worker(tok):
     engine = FakeEngine(tok, reply=lambda prompt, row, call: long_reply if "long" in last_user_text(tok, prompt)
                         else tok.encode("short"), delay=0.02)
     app = create_app([engine], tok, model_name=MODEL)
-    with LiveServer(app) as server:
+    with BackgroundServer(app) as server:
         with httpx.Client(base_url=server.url, timeout=30) as client:
             for route in ("/chat/completions", "/v1/chat/completions"):
                 before = engine.closed_early
@@ -175,7 +174,7 @@ def test_disconnect_while_queued_is_skipped(tok):
             assert (await first).status_code == 200
             await asyncio.sleep(0.2)
 
-    with LiveServer(app) as server:
+    with BackgroundServer(app) as server:
         asyncio.run(run(server.url))
     assert [last_user_text(tok, c["tokens"]) for c in engine.calls] == ["first"]
 
@@ -185,7 +184,7 @@ def test_non_streaming_disconnect_frees_worker(tok):
     engine = FakeEngine(tok, reply=lambda prompt, row, call: long_reply if "long" in last_user_text(tok, prompt)
                         else tok.encode("short"), delay=0.02)
     app = create_app([engine], tok, model_name=MODEL)
-    with LiveServer(app) as server:
+    with BackgroundServer(app) as server:
         with httpx.Client(base_url=server.url, timeout=0.5) as client:
             with pytest.raises(httpx.ReadTimeout):  # the client gives up and closes the connection
                 client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "long"}]})
@@ -261,10 +260,10 @@ def test_batched_replies_equal_one_at_a_time(tok):
             stats = (await client.get("/stats")).json()
         return [r.json()["choices"][0]["message"]["content"] for r in rs], stats
 
-    with LiveServer(create_app([engine], tok, model_name=MODEL, max_batch=8)) as server:
+    with BackgroundServer(create_app([engine], tok, model_name=MODEL, max_batch=8)) as server:
         batched, stats = asyncio.run(run(server.url))
     assert stats["workers"][0]["max_batch_rows"] > 1
-    with LiveServer(create_app([engine], tok, model_name=MODEL, max_batch=1)) as server:
+    with BackgroundServer(create_app([engine], tok, model_name=MODEL, max_batch=1)) as server:
         single, stats = asyncio.run(run(server.url))
     assert stats["workers"][0]["max_batch_rows"] == 1
     assert batched == single

@@ -7,9 +7,8 @@ import re
 
 import pytest
 from server_fakes import FakeEngine, last_user_text, tiny_tokenizer
-from server_live import LiveServer
 
-from nanochat.server import create_app
+from nanochat.server import BackgroundServer, create_app
 
 CHROMIUM = os.environ.get("NANOCHAT_CHROMIUM", "/usr/bin/chromium")
 sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (pip install playwright)")
@@ -61,7 +60,7 @@ def test_chat_page_flow(browser):
     engine = make_engine(tok)
     app = create_app([engine], tok, model_name=MODEL)
     expect = sync_api.expect
-    with LiveServer(app) as server:
+    with BackgroundServer(app) as server:
         page = browser.new_page()
         page.goto(server.url + "/")
         expect(page.locator("#model-name")).to_have_text(MODEL)
@@ -134,7 +133,7 @@ def test_api_key_prompt_in_page(browser):
     tok = tiny_tokenizer()
     app = create_app([make_engine(tok)], tok, model_name=MODEL, api_key="pw")
     expect = sync_api.expect
-    with LiveServer(app) as server:
+    with BackgroundServer(app) as server:
         page = browser.new_page()
         page.goto(server.url + "/")
         send(page, "hello")
