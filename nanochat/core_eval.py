@@ -49,6 +49,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from nanochat.common import COMPUTE_DTYPE, NanochatError, download_file, get_base_dir, is_url, logger, print0
+from nanochat.engine import KVCache
 
 BUNDLE_URL = "https://karpathy-public.s3.us-west-2.amazonaws.com/eval_bundle.zip"
 TASK_TYPES = ("multiple_choice", "schema", "language_modeling")
@@ -435,25 +436,6 @@ class _StopForward(Exception):
     """Raised by a hook to end a forward once the KV cache is written (the prefix pass)."""
 
 
-class _RowCache:
-    """The KV cache interface GPT.forward uses (get_pos, get_layer_cache, advance, cache_seqlens,
-    prev_embedding) over caller-owned (n_layer, B, T, H_kv, D) tensors, which may be views."""
-
-    def __init__(self, k, v, pos=0, prev_embedding=None):
-        self.k_cache, self.v_cache = k, v
-        self.cache_seqlens = torch.full((k.size(1),), pos, dtype=torch.int32, device=k.device)
-        self.prev_embedding = prev_embedding
-
-    def get_pos(self):
-        return int(self.cache_seqlens[0])
-
-    def get_layer_cache(self, layer_idx):
-        return self.k_cache[layer_idx], self.v_cache[layer_idx]
-
-    def advance(self, num_tokens):
-        self.cache_seqlens += num_tokens
-
-
 MIN_PREFIX = 4  # with fewer unscored leading positions an example is scored in one forward
 
 
@@ -514,7 +496,7 @@ class _PrefixScorer:
         B, S = len(rows), max(len(r) for r in rows) - P
         k, v = self._cache_tensors((self.n_layer, B, P + S, self.n_kv_head, self.head_dim), device)
         n = 1 if shared else B
-        head = _RowCache(k[:, :n], v[:, :n])  # the prefix pass writes row 0 (or every row)
+        head = KVCache.from_tensors(k[:, :n], v[:, :n])  # the prefix pass writes row 0 (or every row)
         self.armed = True
         try:
             self.model(torch.tensor([r[:P] for r in rows[:n]], dtype=torch.long, device=device), kv_cache=head)
@@ -526,7 +508,7 @@ class _PrefixScorer:
             k[:, n:, :P] = k[:, :n, :P]
             v[:, n:, :P] = v[:, :n, :P]
         prev = head.prev_embedding
-        cache = _RowCache(k, v, P, None if prev is None else prev.expand(B, -1, -1))
+        cache = KVCache.from_tensors(k, v, P, None if prev is None else prev.expand(B, -1, -1))
         rest = [r[P:] for r in rows]
         return _score_rows(self.model, rest, [s - P for s in starts], [e - P for e in ends], pad_id, device,
                            kv_cache=cache)

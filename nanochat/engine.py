@@ -39,6 +39,17 @@ class KVCache:
         self.cache_seqlens = torch.zeros(batch_size, dtype=torch.int32, device=device)
         self.prev_embedding = None
 
+    @classmethod
+    def from_tensors(cls, k_cache, v_cache, pos=0, prev_embedding=None):
+        """A cache over caller-owned (n_layers, B, T_max, H_kv, D) tensors (views are fine), all
+        rows at `pos`: CORE scoring reuses one buffer across examples this way."""
+        self = cls.__new__(cls)
+        self.n_layers, self.batch_size, self.max_seq_len, self.n_heads, self.head_dim = k_cache.shape
+        self.k_cache, self.v_cache = k_cache, v_cache
+        self.cache_seqlens = torch.full((self.batch_size,), pos, dtype=torch.int32, device=k_cache.device)
+        self.prev_embedding = prev_embedding
+        return self
+
     def reset(self):
         self.cache_seqlens.zero_()
         self.prev_embedding = None

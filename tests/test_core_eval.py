@@ -371,14 +371,14 @@ def _assert_same_details(got, ref, n, tol=1e-5):
 
 
 def _count_prefix_passes(monkeypatch):
-    """Count _RowCache constructions (two per example scored by the prefix scorer)."""
+    """Count the caches the prefix scorer wraps around its buffer (two per example it scores)."""
     made = []
-    orig = ce._RowCache.__init__
+    orig = ce.KVCache.from_tensors
 
-    def init(self, *args, **kwargs):
+    def from_tensors(*args, **kwargs):
         made.append(1)
-        orig(self, *args, **kwargs)
-    monkeypatch.setattr(ce._RowCache, "__init__", init)
+        return orig(*args, **kwargs)
+    monkeypatch.setattr(ce.KVCache, "from_tensors", from_tensors)
     return made
 
 
