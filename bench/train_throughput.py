@@ -29,9 +29,8 @@ def worker(args):
 
     torch.manual_seed(0)
     device = torch.device(args.device or autodetect_device_type())
-    model_dim = -(-args.depth * 64 // args.head_dim) * args.head_dim
-    config = GPTConfig(sequence_len=args.seq_len, vocab_size=args.vocab, n_layer=args.depth, n_head=model_dim // args.head_dim,
-                       n_kv_head=model_dim // args.head_dim, n_embd=model_dim, window_pattern=args.window)
+    config = GPTConfig.from_depth(args.depth, 64, args.head_dim, sequence_len=args.seq_len, vocab_size=args.vocab,
+                                  window_pattern=args.window)
     with torch.device("meta"):
         model = GPT(config)
     model.to_empty(device=device)

@@ -39,6 +39,14 @@ class GPTConfig:
     n_embd: int = 768
     window_pattern: str = "SSSL"  # tiled over layers; the last layer is always L (SPEC §1.7)
 
+    @classmethod
+    def from_depth(cls, depth, aspect_ratio=64, head_dim=128, **kwargs):
+        """The shape --depth stands for (SPEC §1.2): width depth*aspect_ratio rounded up to whole
+        heads of head_dim, as many kv heads as query heads. kwargs: the other fields."""
+        n_embd = -(-depth * aspect_ratio // head_dim) * head_dim
+        n_head = n_embd // head_dim
+        return cls(n_layer=depth, n_head=n_head, n_kv_head=n_head, n_embd=n_embd, **kwargs)
+
 
 ROPE_BASE = 100_000  # SPEC §1.4: 1e5, not 1e4
 QK_SCALE = 1.2  # q and k are each multiplied by 1.2 after QK-norm (SPEC §1.3 step 5)

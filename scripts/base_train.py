@@ -117,10 +117,8 @@ def parse_args(argv=None):
 
 def config_for(args, depth, vocab_size):
     """The GPTConfig --depth stands for (SPEC §1.2): width rounded up to whole heads."""
-    model_dim = math.ceil(depth * args.aspect_ratio / args.head_dim) * args.head_dim
-    n_head = model_dim // args.head_dim
-    return GPTConfig(sequence_len=args.max_seq_len, vocab_size=vocab_size, n_layer=depth, n_head=n_head,
-                     n_kv_head=n_head, n_embd=model_dim, window_pattern=args.window_pattern)
+    return GPTConfig.from_depth(depth, args.aspect_ratio, args.head_dim, sequence_len=args.max_seq_len,
+                                vocab_size=vocab_size, window_pattern=args.window_pattern)
 
 
 def scaling_params(config):

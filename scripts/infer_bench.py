@@ -46,9 +46,8 @@ class _NoSpecialsTokenizer:
 def build_random_model(args, device):
     from nanochat.gpt import GPT, GPTConfig
 
-    dim = -(-args.depth * args.aspect_ratio // args.head_dim) * args.head_dim
-    config = GPTConfig(sequence_len=args.seq_len, vocab_size=args.vocab, n_layer=args.depth, n_head=dim // args.head_dim,
-                       n_kv_head=dim // args.head_dim, n_embd=dim, window_pattern=args.window)
+    config = GPTConfig.from_depth(args.depth, args.aspect_ratio, args.head_dim, sequence_len=args.seq_len,
+                                  vocab_size=args.vocab, window_pattern=args.window)
     with torch.device("meta"):
         model = GPT(config)
     model.to_empty(device=device)

@@ -470,3 +470,11 @@ def test_setup_optimizer_uses_muonadamw():
     opt = model.setup_optimizer()
     assert isinstance(opt, optim.MuonAdamW)
     assert all("initial_lr" in g and g["kind"] in ("adamw", "muon") for g in opt.param_groups)
+
+
+def test_from_depth_rounds_the_width_up_to_whole_heads():
+    c = GPTConfig.from_depth(12, sequence_len=2048, vocab_size=32768)  # the d12 reference (SPEC §1.2)
+    assert (c.n_layer, c.n_embd, c.n_head, c.n_kv_head) == (12, 768, 6, 6)
+    assert (GPTConfig.from_depth(6, head_dim=64).n_embd, GPTConfig.from_depth(6, head_dim=64).n_head) == (384, 6)
+    c = GPTConfig.from_depth(5, aspect_ratio=64, head_dim=128, window_pattern="L")  # 320 -> 384: 3 heads of 128
+    assert (c.n_embd, c.n_head, c.window_pattern) == (384, 3, "L")
