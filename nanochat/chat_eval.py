@@ -15,7 +15,7 @@ import math
 import torch
 import torch.distributed as dist
 
-from nanochat.common import NanochatError, is_ddp_initialized, logger
+from nanochat.common import NanochatError, dist_rank_world, is_ddp_initialized, logger
 
 # ChatCORE's tasks (mar's six) with their random-guess baselines
 BASELINES = {"ARC-Easy": 0.25, "ARC-Challenge": 0.25, "MMLU": 0.25, "GSM8K": 0.0, "HumanEval": 0.0, "SpellingBee": 0.0}
@@ -41,13 +41,6 @@ def make_task(task_name, data_dir=None):
     if task_name not in factories:
         raise NanochatError(f"unknown chat eval task {task_name!r}; choose from {'|'.join(ALL_TASKS)}.")
     return factories[task_name]()
-
-
-def _world():
-    """(rank, world_size) of the initialized process group, or (0, 1)."""
-    if is_ddp_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
 
 
 def _sum_across_ranks(passed, total, device):
@@ -91,7 +84,7 @@ def letter_token_ids(tokenizer, letters, cache=None):
 def run_categorical_eval(task, tokenizer, model, batch_size, max_problems=None, return_counts=False):
     """Accuracy of `model` on a categorical task (batches strided over ranks). With
     return_counts, (passed, total) instead."""
-    rank, world = _world()
+    rank, world = dist_rank_world()
     device = model.get_device()
     bos = tokenizer.get_bos_token_id()
     n = _num_problems(task, max_problems)
@@ -123,7 +116,7 @@ def run_generative_eval(task, tokenizer, model, engine, num_samples, max_new_tok
     """pass@num_samples of a generative task: problems strided over ranks, each sampled with
     engine.generate_batch; a problem passes when any completion passes task.evaluate. With
     return_counts, (passed, total) instead."""
-    rank, world = _world()
+    rank, world = dist_rank_world()
     device = model.get_device()
     n = _num_problems(task, max_problems)
     context = getattr(getattr(model, "config", None), "sequence_len", None)
@@ -188,7 +181,7 @@ def run_chat_eval(task_name, model, tokenizer, engine, batch_size=8, num_samples
     else:
         raise NanochatError(f"{task_name} has eval type {task.eval_type!r}; it cannot be evaluated.")
     accuracy = passed / total if total else 0.0
-    if _world()[0] == 0:
+    if dist_rank_world()[0] == 0:
         logger.info(f"{task_name}: {passed}/{total} = {100 * accuracy:.2f}%")
     return accuracy
 

@@ -123,6 +123,14 @@ def is_ddp_initialized():
     return dist.is_available() and dist.is_initialized()
 
 
+def dist_rank_world():
+    """(rank, world_size) of the initialized process group, or (0, 1): for library code that may
+    run under torchrun or inside a test's own process group."""
+    if is_ddp_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
 def get_dist_info():
     """(ddp, rank, local_rank, world_size); (False, 0, 0, 1) outside torchrun."""
     if is_ddp_requested():

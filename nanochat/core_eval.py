@@ -48,7 +48,16 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from nanochat.common import COMPUTE_DTYPE, NanochatError, download_file, get_base_dir, is_url, logger, print0
+from nanochat.common import (
+    COMPUTE_DTYPE,
+    NanochatError,
+    dist_rank_world,
+    download_file,
+    get_base_dir,
+    is_url,
+    logger,
+    print0,
+)
 from nanochat.engine import KVCache
 
 BUNDLE_URL = "https://karpathy-public.s3.us-west-2.amazonaws.com/eval_bundle.zip"
@@ -535,12 +544,6 @@ def _batches(examples, batch_tokens):
         yield batch
 
 
-def _dist():
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
 def _score_batch(model, scorer, batch, task_type, pad_id, device, max_len, pad_multiple, correct, details):
     """Score a batch of examples (one forward, or the prefix scorer's two for a single example)
     and record each one's correctness and per-row mean losses."""
@@ -575,7 +578,7 @@ def evaluate_task(model, tokenizer, data, device, task_type, num_fewshot=0, deli
     rank's)."""
     from tqdm import tqdm
 
-    rank, world = _dist()
+    rank, world = dist_rank_world()
     if max_len is None:
         max_len = model_context_length(model)
     pad_id = tokenizer.get_bos_token_id()

@@ -45,6 +45,7 @@ from nanochat.common import (  # noqa: E402
     StopRequest,
     compute_cleanup,
     compute_init,
+    dist_rank_world,
     init_wandb,
     mfu_denominator,
     print0,
@@ -154,7 +155,7 @@ def example_index(step, i, examples_per_rank, rank, world_size, num_examples):
 def evaluate_pass_at_k(engine, tokenizer, task, num_examples, k, max_new_tokens, temperature, top_k, device):
     """pass@1..k over the first num_examples problems of `task` (strided over ranks, summed
     across them): the fraction of problems where any of the first j samples is correct."""
-    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    rank, world = dist_rank_world()
     counts = torch.zeros(k + 1, dtype=torch.float64, device=device)  # [problems, pass@1, ..., pass@k]
     for idx in range(rank, min(num_examples, len(task)), world):
         conversation = task[idx]
