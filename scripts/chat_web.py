@@ -4,7 +4,7 @@
     python -m scripts.chat_web -n 8 --host 0.0.0.0 --api-key "$KEY" --max-batch 16
 
 Loads one model + Engine per GPU and hands them to nanochat.server.create_app; routes, limits and
-the worker pool are documented there.
+the worker pool are documented in the nanochat/server package.
 """
 
 import argparse

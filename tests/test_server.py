@@ -11,7 +11,8 @@ import pytest
 from fastapi.testclient import TestClient
 from server_fakes import FakeEngine, FakeMultiEngine, byte_tokens, tiny_tokenizer
 
-from nanochat.server import RowDecoder, StopMatcher, create_app
+from nanochat.server import create_app
+from nanochat.server.text import RowDecoder, StopMatcher
 
 MODEL = "nanochat-test"
 
@@ -462,9 +463,9 @@ def test_request_timeout(tok):
 
 
 def test_keepalive_comments_while_waiting(tok, monkeypatch):
-    from nanochat import server
+    from nanochat.server import app as server_app
 
-    monkeypatch.setattr(server, "KEEPALIVE_S", 0.05)
+    monkeypatch.setattr(server_app, "KEEPALIVE_S", 0.05)
     engine = FakeEngine(tok, delay=0.12)
     with client_for(engine, tok) as c:
         for route in ("/chat/completions", "/v1/chat/completions"):
