@@ -14,11 +14,11 @@ import asyncio
 import json
 import logging
 import os
-import secrets
 import time
+from collections import Counter
 from contextlib import asynccontextmanager
 
-from fastapi import Depends, FastAPI, Request
+from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
@@ -39,19 +39,27 @@ from nanochat.server.schemas import (
     MIN_TEMPERATURE,
     MIN_TOP_K,
     APIError,
+    ChatCompletion,
     ChatRequest,
+    Health,
+    ModelCard,
+    ModelList,
     OpenAIChatRequest,
+    Stats,
     build_prompt,
     check_range,
+    documented,
     error_body,
     error_response,
     validate_messages,
 )
+from nanochat.server.security import BODY_TIMEOUT_S, LOOPBACK_HOSTS, MAX_BODY_BYTES, RequestGate, SafeResponses
 
 logger = logging.getLogger("nanochat.server")
 
 UI_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "ui")
 KEEPALIVE_S = 15.0  # an SSE comment while a stream waits (queued), so proxies do not drop the connection
+CHAT_ERRORS = (400, 401, 408, 413, 422, 429, 504)  # what a chat route can answer besides 200 (and 500)
 
 
 def _model_context(engine):
@@ -67,9 +75,11 @@ def _sse(obj):
 
 def create_app(engines, tokenizer, *, model_name="nanochat", devices=None, temperature=0.8, top_k=50,
                max_tokens=512, max_batch=8, max_queue=64, request_timeout=300.0, api_key=None,
-               cors_origins=(), log_conversations=False, max_context=None):
+               cors_origins=(), log_conversations=False, max_context=None, allowed_hosts=LOOPBACK_HOSTS,
+               max_body_bytes=MAX_BODY_BYTES, body_timeout=BODY_TIMEOUT_S):
     """The FastAPI app over `engines` (one per device; each has generate(), optionally
-    generate_multi()). Defaults for sampling come from the CLI flags."""
+    generate_multi()). Defaults for sampling come from the CLI flags. allowed_hosts: the Host
+    names answered (default: loopback names only; None or ["*"] = any), see security.py."""
     pool = WorkerPool(engines, tokenizer, devices, max_batch=max_batch, max_queue=max_queue)
     max_context = max_context or _model_context(engines[0])
 
@@ -78,12 +88,16 @@ def create_app(engines, tokenizer, *, model_name="nanochat", devices=None, tempe
         yield
         pool.close()
 
-    app = FastAPI(title="nanochat", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    # /openapi.json describes the API routes (behind the API key like them); no docs pages: they load scripts from a CDN
+    app = FastAPI(title="nanochat", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url="/openapi.json")
     app.state.pool = pool
     app.state.model_name = model_name
+    # added innermost first: SafeResponses -> [CORS] -> RequestGate -> the routes (see security.py)
+    app.add_middleware(RequestGate, api_key=api_key, max_body_bytes=max_body_bytes, body_timeout=body_timeout)
     if cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=list(cors_origins), allow_methods=["GET", "POST", "OPTIONS"],
                            allow_headers=["Authorization", "Content-Type"])
+    app.add_middleware(SafeResponses, allowed_hosts=allowed_hosts)
 
     # --- errors as OpenAI JSON ---------------------------------------------------------------
 
@@ -106,23 +120,7 @@ def create_app(engines, tokenizer, *, model_name="nanochat", devices=None, tempe
         message = f"Invalid request: {first.get('msg', 'invalid value')}" + (f" (at {param})." if param else ".")
         return JSONResponse(error_body(message, "invalid_request_error", param, "invalid_value"), status_code=422)
 
-    @app.exception_handler(Exception)
-    async def _internal_error(request, exc):
-        logger.exception("unhandled error")
-        return JSONResponse(error_body("Internal server error.", "api_error"), status_code=500)
-
-    # --- auth ------------------------------------------------------------------------------
-
-    async def require_key(request: Request):
-        if not api_key:
-            return
-        header = request.headers.get("authorization", "")
-        scheme, _, token = header.partition(" ")
-        if scheme.lower() != "bearer" or not secrets.compare_digest(token.strip().encode(), api_key.encode()):
-            raise APIError(401, "Missing or wrong API key: send 'Authorization: Bearer <key>'.",
-                           "authentication_error", code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
-
-    auth = [Depends(require_key)]
+    # any other exception becomes a generic 500 in SafeResponses (details only in the server log)
 
     # --- page and static files -----------------------------------------------------------
 
@@ -138,7 +136,7 @@ def create_app(engines, tokenizer, *, model_name="nanochat", devices=None, tempe
 
     # --- info ----------------------------------------------------------------------------
 
-    @app.get("/health")
+    @app.get("/health", responses=documented(Health))
     async def health():
         s = pool.stats()
         alive = all(t.is_alive() for t in pool.threads) and not pool.closed
@@ -146,16 +144,16 @@ def create_app(engines, tokenizer, *, model_name="nanochat", devices=None, tempe
                 "num_gpus": s["total_workers"], "available_workers": s["available_workers"],
                 "queue_depth": s["queue_depth"], "auth": bool(api_key)}
 
-    @app.get("/stats", dependencies=auth)
+    @app.get("/stats", responses=documented(Stats, 401))
     async def stats():
-        return {"model": model_name, **pool.stats()}
+        return {"model": model_name, **pool.stats(), "requests_by_status": dict(requests_by_status)}
 
-    @app.get("/v1/models", dependencies=auth)
+    @app.get("/v1/models", responses=documented(ModelList, 401))
     async def models():
         return {"object": "list", "data": [{"id": model_name, "object": "model", "created": int(pool.started_at),
                                             "owned_by": "nanochat"}]}
 
-    @app.get("/v1/models/{model_id:path}", dependencies=auth)
+    @app.get("/v1/models/{model_id:path}", responses=documented(ModelCard, 401, 404))
     async def model_info(model_id: str):
         if model_id not in (model_name, "nanochat"):
             raise APIError(404, f"The model {model_id!r} does not exist; this server serves {model_name!r}.",
@@ -204,7 +202,7 @@ def create_app(engines, tokenizer, *, model_name="nanochat", devices=None, tempe
             async def watch():
                 while not job.cancel.is_set():
                     if await request.is_disconnected():
-                        job.cancel.set()
+                        job.stop()
                         job.push("end", None)  # wake the reader
                         return
                     await asyncio.sleep(0.2)
@@ -226,11 +224,17 @@ def create_app(engines, tokenizer, *, model_name="nanochat", devices=None, tempe
                 if ev[0] in ("end", "error"):
                     return
         finally:
-            job.cancel.set()
+            job.stop()
             if watcher is not None:
                 watcher.cancel()
 
+    requests_by_status = Counter()  # ok / disconnected / timeout / error, for /stats
+
     def log_request(job, route, status, texts=None):
+        """The request's one log line. tokens_out counts every token generated for it, also when it
+        ended early: the job is stopped first, so no token is counted after the line is written."""
+        job.stop()
+        requests_by_status[status] += 1
         latency = time.monotonic() - job.created
         queued = (job.started - job.created) if job.started else latency
         line = (f"{job.id} {route} status={status} worker={job.worker_id} tokens_in={len(job.prompt)} "
@@ -245,7 +249,7 @@ def create_app(engines, tokenizer, *, model_name="nanochat", devices=None, tempe
 
     # --- upstream's streaming route --------------------------------------------------------------
 
-    @app.post("/chat/completions", dependencies=auth)
+    @app.post("/chat/completions", responses=documented(None, *CHAT_ERRORS, stream=True))
     async def chat_completions(req: ChatRequest):
         job = make_job(req.messages, temp=req.temperature, k=req.top_k, p=None, max_new=req.max_tokens,
                        seed=req.seed, allow_tool_parts=True)
@@ -281,7 +285,7 @@ def create_app(engines, tokenizer, *, model_name="nanochat", devices=None, tempe
 
     # --- OpenAI-compatible route -----------------------------------------------------------------
 
-    @app.post("/v1/chat/completions", dependencies=auth)
+    @app.post("/v1/chat/completions", responses=documented(ChatCompletion, *CHAT_ERRORS, 404, stream=True))
     async def v1_chat_completions(req: OpenAIChatRequest, request: Request):
         if req.model is not None and req.model not in (model_name, "nanochat"):
             raise APIError(404, f"The model {req.model!r} does not exist; this server serves {model_name!r}.",

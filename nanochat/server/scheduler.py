@@ -48,6 +48,7 @@ class Job:
         self.created = time.monotonic()
         self.deadline = None if not timeout else self.created + timeout
         self.cancel = threading.Event()
+        self.lock = threading.Lock()  # orders "count a token" (worker) against stop() (request side)
         self.worker_id = None
         self.started = None
         self.completion_tokens = 0
@@ -56,6 +57,12 @@ class Job:
         except RuntimeError:
             self.loop = None
         self.events = asyncio.Queue() if self.loop else None
+
+    def stop(self):
+        """The request is over (done, client gone, timed out): the worker stops at its next token.
+        After this returns no token is added to completion_tokens, so the count can be logged."""
+        with self.lock:
+            self.cancel.set()
 
     def push(self, *event):
         if self.loop is None or self.cancel.is_set() and event[0] != "end":
@@ -222,10 +229,11 @@ class WorkerPool:
                     self._serve_one(worker, jobs[0])
                 else:
                     self._serve_many(worker, jobs)
-            except Exception as e:  # the engine failed: tell every client of this batch, keep serving
-                logger.exception("generation failed")
+            except Exception:  # the engine failed: tell every client of this batch, keep serving
+                # the exception text can hold paths and internals: it goes to the log, not to clients
+                logger.exception(f"generation failed for {' '.join(job.id for job in jobs)}")
                 for job in jobs:
-                    job.push("error", f"generation failed: {type(e).__name__}: {e}")
+                    job.push("error", f"Generation failed (request id {job.id}); the details are in the server log.")
             finally:
                 worker.requests_served += len(jobs)
                 with self.cond:
@@ -242,14 +250,18 @@ class WorkerPool:
     def _expired(job):
         return job.cancel.is_set() or (job.deadline is not None and time.monotonic() > job.deadline)
 
-    def _deliver(self, job, rows, i, token):
+    def _deliver(self, worker, job, rows, i, token):
+        """Feed one generated token to row i of job, count it, and push the text it releases."""
         row = rows[i]
-        if row.done:
-            return
-        for part, text in row.feed(token):
-            job.push("delta", i, part, text)
-        if row.done:
-            job.push("finish", i, row.finish_reason)
+        with job.lock:
+            if row.done or job.cancel.is_set():
+                return
+            job.completion_tokens += 1
+            worker.tokens_generated += 1
+            for part, text in row.feed(token):
+                job.push("delta", i, part, text)
+            if row.done:
+                job.push("finish", i, row.finish_reason)
 
     def _end(self, worker, job, rows):
         for i, row in enumerate(rows):
@@ -259,9 +271,8 @@ class WorkerPool:
                 for part, text in out:
                     job.push("delta", i, part, text)
                 job.push("finish", i, row.finish_reason)
-        completion = sum(r.num_tokens for r in rows)
-        job.completion_tokens = completion
-        worker.tokens_generated += completion
+        # every token was counted as it was delivered (_deliver)
+        completion = job.completion_tokens
         job.push("end", {"prompt_tokens": len(job.prompt), "completion_tokens": completion,
                          "total_tokens": len(job.prompt) + completion})
 
@@ -281,7 +292,7 @@ class WorkerPool:
                 if self._expired(job):
                     return
                 for i, token in enumerate(column[:job.n]):
-                    self._deliver(job, rows, i, token)
+                    self._deliver(worker, job, rows, i, token)
                 if all(r.done for r in rows):
                     break
         finally:
@@ -320,7 +331,7 @@ class WorkerPool:
                     if self._expired(job):
                         del live[job.id]
                         continue
-                    self._deliver(job, rows[job.id], i, token)
+                    self._deliver(worker, job, rows[job.id], i, token)
                 for job_id in [j for j, job in live.items() if all(r.done for r in rows[j])]:
                     self._end(worker, live.pop(job_id), rows[job_id])
                 if not live:

@@ -1,7 +1,7 @@
 """What a request may contain: the request models, the limits and their validation, the
 OpenAI-style error shape, and the prompt a valid conversation renders to."""
 
-from typing import Any
+from typing import Any, Literal
 
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict
@@ -42,23 +42,29 @@ def error_response(err):
 
 # -----------------------------------------------------------------------------
 # Request schemas
+#
+# Strict types: a string is never taken for a bool or a number ("stream": "yes" and "max_tokens": "3"
+# are 422s, not a stream and 3), a float never for an int; an int is still a valid float
+# (temperature 1). NaN and infinities are refused. Unknown fields are ignored, as OpenAI does.
+
+STRICT = ConfigDict(strict=True, allow_inf_nan=False)
 
 
 class ContentPart(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(**STRICT, extra="allow")
     type: str = "text"
     text: str = ""
 
 
 class Message(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(**STRICT, extra="allow")
     role: str
     content: str | list[ContentPart] | None = None
 
 
 class ChatRequest(BaseModel):
     """POST /chat/completions (upstream's web UI protocol)."""
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(**STRICT, extra="ignore")
     messages: list[Message]
     temperature: float | None = None
     top_k: int | None = None
@@ -67,14 +73,14 @@ class ChatRequest(BaseModel):
 
 
 class StreamOptions(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(**STRICT, extra="ignore")
     include_usage: bool = False
 
 
 class OpenAIChatRequest(BaseModel):
     """POST /v1/chat/completions. Unknown fields are ignored as OpenAI does; the ones that would
     change the answer and cannot be honoured (tools, logprobs, penalties) are rejected."""
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(**STRICT, extra="ignore")
     model: str | None = None
     messages: list[Message]
     temperature: float | None = None
@@ -94,6 +100,121 @@ class OpenAIChatRequest(BaseModel):
     tools: list[Any] | None = None
     tool_choice: Any = None
     response_format: dict[str, Any] | None = None
+
+
+# -----------------------------------------------------------------------------
+# Response schemas: they document the API (GET /openapi.json) and the fuzz test checks every
+# response against them; the routes build plain dicts.
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None
+    code: str | None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorDetail
+
+
+class Health(BaseModel):
+    status: Literal["ok", "unavailable"]
+    ready: bool
+    model: str
+    num_gpus: int
+    available_workers: int
+    queue_depth: int
+    auth: bool
+
+
+class WorkerStats(BaseModel):
+    gpu_id: int
+    device: str
+    busy: bool
+    requests_served: int
+    tokens_generated: int
+    batches: int
+    max_batch_rows: int
+
+
+class Stats(BaseModel):
+    model: str
+    total_workers: int
+    available_workers: int
+    busy_workers: int
+    queue_depth: int
+    max_queue: int
+    max_batch: int
+    batching: bool
+    requests_total: int
+    requests_completed: int
+    requests_rejected: int
+    requests_by_status: dict[str, int]
+    tokens_generated: int
+    uptime_s: float
+    workers: list[WorkerStats]
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"]
+    created: int
+    owned_by: str
+
+
+class ModelList(BaseModel):
+    object: Literal["list"]
+    data: list[ModelCard]
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"]
+    content: str
+
+
+class Choice(BaseModel):
+    index: int
+    message: AssistantMessage
+    logprobs: None
+    finish_reason: Literal["stop", "length"]
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class ChatCompletion(BaseModel):
+    id: str
+    object: Literal["chat.completion"]
+    created: int
+    model: str
+    system_fingerprint: None
+    choices: list[Choice]
+    usage: Usage
+
+
+ERROR_STATUSES = {400: "Invalid request, or a Host the server does not answer to", 401: "Missing or wrong API key",
+                  404: "No such model", 408: "The body came too slowly", 413: "The body is too large",
+                  422: "Malformed body: bad JSON, a missing field or a value of the wrong type",
+                  429: "The queue is full (see Retry-After)", 500: "Internal error (details in the server log)",
+                  504: "The request outlived the server's request timeout"}
+
+
+def documented(model, *errors, stream=False):
+    """The `responses` of a route for its OpenAPI entry: 200 with `model` (and/or an SSE stream),
+    the listed error statuses and 400/500 (which any request can get) as ErrorResponse."""
+    ok = {"description": "Success"}
+    if model is not None:
+        ok["model"] = model
+    if stream:
+        ok["content"] = {"text/event-stream": {"schema": {"type": "string"}}}
+    out = {200: ok}
+    for status in sorted({400, 500, *errors}):
+        out[status] = {"model": ErrorResponse, "description": ERROR_STATUSES[status]}
+    return out
 
 
 # -----------------------------------------------------------------------------
