@@ -4,6 +4,7 @@ headers on every response, generic 500s, strict request types, and token account
 requests that end early. Connection-level limits under a real uvicorn are in
 test_server_limits.py; property-based fuzzing in test_server_fuzz.py."""
 
+import asyncio
 import json
 import logging
 import re
@@ -59,6 +60,22 @@ def test_body_limit_from_content_length_before_parsing(tok):
             assert "4096" in err["message"] and r.headers["connection"] == "close"
         assert_error(c.post("/chat/completions", content=b"[" * 5000), 413, "request_too_large")
     assert len(engine.calls) == 1
+
+
+def test_malformed_content_length_is_400(tok):
+    app = create_app([FakeEngine(tok)], tok, model_name=MODEL)
+    sent = []
+
+    async def send(message):
+        sent.append(message)
+
+    async def receive():
+        raise AssertionError("the body must not be read")
+
+    scope = {"type": "http", "method": "POST", "path": "/v1/chat/completions", "headers": [
+        (b"host", b"localhost"), (b"content-length", b"12abc")], "query_string": b"", "state": {}}
+    asyncio.run(app(scope, receive, send))  # straight to the app: HTTP clients will not send such a header
+    assert sent[0]["status"] == 400 and json.loads(sent[1]["body"])["error"]["code"] == "invalid_content_length"
 
 
 def test_body_limit_counts_chunked_bodies(tok):

@@ -150,8 +150,11 @@ class RequestGate:
         length = _header(scope, b"content-length")
         if length is None and _header(scope, b"transfer-encoding") is None:
             return await self.app(scope, receive, send)  # no body (GET, HEAD, ...)
+        if length is not None and not length.strip().isdigit():  # uvicorn refuses these itself; other servers may not
+            return await send_error(send, 400, "The Content-Length header is not a number.", "invalid_request_error",
+                                    "invalid_content_length", CLOSE)
         try:
-            if length is not None and (not length.strip().isdigit() or int(length) > self.max_body_bytes):
+            if length is not None and int(length) > self.max_body_bytes:
                 raise BodyTooLarge
             body = await self.read_body(receive)
         except BodyTooLarge:
