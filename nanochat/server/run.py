@@ -14,7 +14,8 @@ descriptors, accept() fails, and uvicorn stops accepting (the health probe inclu
     which is also uvicorn's limit_concurrency, and the cap is lowered to fit the process's
     open-file limit;
   - keep_alive_timeout: uvicorn's own timeout_keep_alive for idle connections between requests;
-  - request heads over MAX_HEADER_BYTES are a 400 (h11's incomplete-event limit, set explicitly);
+  - a request head still incomplete after MAX_HEADER_BYTES is a 400 (h11's incomplete-event limit, set
+    explicitly; it bounds what a slow head can make the server buffer);
   - the body's size and read time are checked by the app itself (security.RequestGate).
 """
 
