@@ -4,13 +4,15 @@
     python -m scripts.chat_web -n 8 --host 0.0.0.0 --api-key "$KEY" --max-batch 16
 
 Loads one model + Engine per GPU and hands them to nanochat.server.create_app; routes, limits and
-the worker pool are documented there.
+the worker pool are documented in the nanochat/server package.
 """
 
 import argparse
 import os
 
 from nanochat.common import NanochatError, logger, run_main
+from nanochat.server.run import HEADER_TIMEOUT_S, KEEP_ALIVE_S, MAX_CONNECTIONS
+from nanochat.server.security import BODY_TIMEOUT_S, LOOPBACK_HOSTS, MAX_BODY_BYTES
 
 
 def parse_args(argv=None):
@@ -35,6 +37,20 @@ def parse_args(argv=None):
                    help="allow cross-origin requests from this origin (repeatable; '*' for any); off by default")
     p.add_argument("--log-conversations", action="store_true",
                    help="also log every conversation and reply (default: one metadata line per request)")
+    # limits against hostile or broken clients (nanochat/server/security.py and run.py say why each exists)
+    p.add_argument("--allowed-host", action="append", default=[],
+                   help="also answer requests whose Host header is this name (repeatable; '*' for any). On a "
+                        "loopback bind only localhost, 127.0.0.1 and [::1] are answered, which keeps out web pages "
+                        "using DNS rebinding; on other binds any Host unless this is given")
+    p.add_argument("--max-body-bytes", type=int, default=MAX_BODY_BYTES, help="larger request bodies get 413")
+    p.add_argument("--body-timeout", type=float, default=BODY_TIMEOUT_S,
+                   help="seconds a client has to send the request body once its headers are in (else 408)")
+    p.add_argument("--header-timeout", type=float, default=HEADER_TIMEOUT_S,
+                   help="seconds a connection has to send a complete request head before it is closed")
+    p.add_argument("--keep-alive-timeout", type=int, default=KEEP_ALIVE_S,
+                   help="seconds an idle connection is kept open between requests")
+    p.add_argument("--max-connections", type=int, default=MAX_CONNECTIONS,
+                   help="open connections at once (lowered to fit the open-file limit); more are refused with 503")
     args = p.parse_args(argv)
     checks = [
         (args.num_gpus >= 1, "--num-gpus must be at least 1."),
@@ -45,6 +61,11 @@ def parse_args(argv=None):
         (args.max_batch >= 1, "--max-batch must be at least 1."),
         (args.max_queue >= 0, "--max-queue must be 0 or more."),
         (args.request_timeout >= 0, "--request-timeout must be 0 (none) or more seconds."),
+        (args.max_body_bytes >= 1024, "--max-body-bytes must be at least 1024."),
+        (args.body_timeout > 0, "--body-timeout must be more than 0 seconds."),
+        (args.header_timeout > 0, "--header-timeout must be more than 0 seconds."),
+        (args.keep_alive_timeout >= 1, "--keep-alive-timeout must be at least 1 second."),
+        (args.max_connections >= 2, "--max-connections must be at least 2."),
     ]
     for ok, message in checks:
         if not ok:
@@ -52,10 +73,21 @@ def parse_args(argv=None):
     return args
 
 
+def allowed_hosts(host, extra):
+    """The Host names to answer: loopback names (+ extra) on a loopback bind; on any other bind the
+    names people use to reach it are unknown here, so any Host unless --allowed-host lists them."""
+    if "*" in extra:
+        return None
+    if host in LOOPBACK_HOSTS + ("::1",) or extra:
+        return list(LOOPBACK_HOSTS) + [h.lower() for h in extra]
+    return None
+
+
 def main(argv=None):
     import uvicorn
 
     from nanochat.server import create_app, load_engines
+    from nanochat.server.run import uvicorn_config
 
     args = parse_args(argv)
     engines, tokenizer, devices, model_name = load_engines(args.num_gpus, args.source, args.device_type,
@@ -63,12 +95,17 @@ def main(argv=None):
     app = create_app(engines, tokenizer, model_name=model_name, devices=devices, temperature=args.temperature,
                      top_k=args.top_k, max_tokens=args.max_tokens, max_batch=args.max_batch,
                      max_queue=args.max_queue, request_timeout=args.request_timeout or None, api_key=args.api_key,
-                     cors_origins=args.cors_origin, log_conversations=args.log_conversations)
+                     cors_origins=args.cors_origin, log_conversations=args.log_conversations,
+                     allowed_hosts=allowed_hosts(args.host, args.allowed_host), max_body_bytes=args.max_body_bytes,
+                     body_timeout=args.body_timeout)
     if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
         logger.warning(f"serving on {args.host} without --api-key: anyone who can reach this port can use the model")
     logger.info(f"serving {model_name} on {len(engines)} worker(s) at http://{args.host}:{args.port}")
     # access_log off: the server logs its own single line per request (id, tokens, latency)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="info", access_log=False)
+    config = uvicorn_config(app, args.host, args.port, max_connections=args.max_connections,
+                            header_timeout=args.header_timeout, keep_alive_timeout=args.keep_alive_timeout,
+                            log_level="info", access_log=False)
+    uvicorn.Server(config).run()
 
 
 if __name__ == "__main__":

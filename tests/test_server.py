@@ -11,7 +11,8 @@ import pytest
 from fastapi.testclient import TestClient
 from server_fakes import FakeEngine, FakeMultiEngine, byte_tokens, tiny_tokenizer
 
-from nanochat.server import RowDecoder, StopMatcher, create_app
+from nanochat.server import create_app
+from nanochat.server.text import RowDecoder, StopMatcher
 
 MODEL = "nanochat-test"
 
@@ -23,7 +24,7 @@ def tok():
 
 def client_for(engine, tok, **kwargs):
     kwargs.setdefault("model_name", MODEL)
-    return TestClient(create_app([engine], tok, **kwargs))
+    return TestClient(create_app([engine], tok, **kwargs), base_url="http://localhost")  # a Host the server answers
 
 
 def sse_events(text):
@@ -462,9 +463,9 @@ def test_request_timeout(tok):
 
 
 def test_keepalive_comments_while_waiting(tok, monkeypatch):
-    from nanochat import server
+    from nanochat.server import app as server_app
 
-    monkeypatch.setattr(server, "KEEPALIVE_S", 0.05)
+    monkeypatch.setattr(server_app, "KEEPALIVE_S", 0.05)
     engine = FakeEngine(tok, delay=0.12)
     with client_for(engine, tok) as c:
         for route in ("/chat/completions", "/v1/chat/completions"):
@@ -477,20 +478,29 @@ def test_keepalive_comments_while_waiting(tok, monkeypatch):
             assert content == "You said: hi"
 
 
-def test_engine_failure_is_500_and_worker_survives(tok):
-    calls = []
-
+def test_engine_failure_is_500_and_worker_survives(tok, caplog):
+    """The client gets a generic message with the request id; the exception (paths, internals)
+    goes to the server log only."""
     def reply(prompt, row, call):
-        calls.append(call)
-        if call == 0:
-            raise RuntimeError("boom")
+        if call in (0, 1):
+            raise RuntimeError("boom in /secret/path/engine.py")
         return tok.encode("fine")
 
-    with client_for(FakeEngine(tok, reply=reply), tok) as c:
-        r = c.post("/v1/chat/completions", json=hello())
-        assert r.status_code == 500 and "boom" in r.json()["error"]["message"]
-        r = c.post("/v1/chat/completions", json=hello())
-        assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"] == "fine"
+    with caplog.at_level(logging.INFO, logger="nanochat.server"):
+        with client_for(FakeEngine(tok, reply=reply), tok) as c:
+            r = c.post("/v1/chat/completions", json=hello())
+            assert r.status_code == 500
+            err = r.json()["error"]
+            assert "boom" not in r.text and "/secret" not in r.text and "RuntimeError" not in r.text
+            assert err["type"] == "api_error" and err["code"] == "generation_failed"
+            request_id = err["message"].split("request id ")[1].split(")")[0]
+            assert request_id.startswith("chatcmpl-")
+            events = sse_events(c.post("/chat/completions", json=hello()).text)
+            assert "Generation failed" in events[-2]["error"] and "boom" not in events[-2]["error"]
+            r = c.post("/v1/chat/completions", json=hello())
+            assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"] == "fine"
+    logged = [rec for rec in caplog.records if rec.levelno == logging.ERROR]
+    assert request_id in logged[0].getMessage() and "boom in /secret/path" in str(logged[0].exc_info[1])
 
 
 def test_one_log_line_per_request(tok, caplog):

@@ -62,7 +62,11 @@ def test_chat_page_flow(browser):
     expect = sync_api.expect
     with BackgroundServer(app) as server:
         page = browser.new_page()
-        page.goto(server.url + "/")
+        console = []
+        page.on("console", lambda message: console.append(message.text))
+        response = page.goto(server.url + "/")
+        # the page works under its own Content-Security-Policy: nothing inline, nothing from elsewhere
+        assert "script-src 'self'" in response.headers["content-security-policy"]
         expect(page.locator("#model-name")).to_have_text(MODEL)
         expect(page.locator("#banner")).to_be_hidden()
 
@@ -121,6 +125,8 @@ def test_chat_page_flow(browser):
         idle(page)
         page.click("#new-chat")
         expect(page.locator(".message")).to_have_count(0)
+
+        assert not [m for m in console if "Content Security Policy" in m], console
 
         # health banner when the engine is unreachable
         page.route("**/health", lambda route: route.abort())

@@ -1,0 +1,342 @@
+"""The worker pool: one worker thread per engine (one engine per GPU, one on CPU/MPS) over one
+bounded FIFO queue of Jobs.
+
+Requests wait in one bounded FIFO queue shared by the workers (full -> QueueFull, answered 429 +
+Retry-After). A worker runs the engine's generator off the event loop and hands text to the
+request's asyncio.Queue through loop.call_soon_threadsafe. Every generated token it checks the
+request's cancel flag, which is set when the client disconnects or the request outlives
+--request-timeout, so a dropped client frees its worker at once. When the engine has
+`generate_multi` (batched decode of different prompts) and max_batch > 1, a worker that becomes free
+takes up to max_batch waiting rows with the same sampling settings and decodes them together
+(dynamic batching); otherwise it serves one request at a time.
+"""
+
+import asyncio
+import inspect
+import logging
+import math
+import secrets
+import threading
+import time
+from collections import deque
+
+from nanochat.server.text import RowDecoder
+
+logger = logging.getLogger("nanochat.server")
+
+
+class QueueFull(Exception):
+    pass
+
+
+class Job:
+    """One request: n rows sampled from one prompt. The worker thread reports through push();
+    the request's coroutine reads the asyncio.Queue. Events:
+    ("start", worker_id) ("delta", row, part, text) ("finish", row, reason) ("end", usage) ("error", message)."""
+
+    def __init__(self, prompt, *, n=1, max_tokens, temperature, top_k, top_p=1.0, seed=None, stops=(),
+                 timeout=None, request_id=None):
+        self.id = request_id or "chatcmpl-" + secrets.token_hex(12)
+        self.prompt = list(prompt)
+        self.n = n
+        self.max_tokens = max_tokens
+        self.temperature = temperature
+        self.top_k = top_k
+        self.top_p = top_p
+        self.seed = secrets.randbelow(2**31) if seed is None else seed
+        self.stops = list(stops)
+        self.created = time.monotonic()
+        self.deadline = None if not timeout else self.created + timeout
+        self.cancel = threading.Event()
+        self.lock = threading.Lock()  # orders "count a token" (worker) against stop() (request side)
+        self.worker_id = None
+        self.started = None
+        self.completion_tokens = 0
+        try:
+            self.loop = asyncio.get_running_loop()
+        except RuntimeError:
+            self.loop = None
+        self.events = asyncio.Queue() if self.loop else None
+
+    def stop(self):
+        """The request is over (done, client gone, timed out): the worker stops at its next token.
+        After this returns no token is added to completion_tokens, so the count can be logged."""
+        with self.lock:
+            self.cancel.set()
+
+    def push(self, *event):
+        if self.loop is None or self.cancel.is_set() and event[0] != "end":
+            return
+        try:
+            self.loop.call_soon_threadsafe(self.events.put_nowait, event)
+        except RuntimeError:  # the loop is gone (shutdown)
+            pass
+
+    def batch_key(self):
+        return (self.temperature, self.top_k, self.top_p)
+
+
+class Worker:
+    def __init__(self, worker_id, engine, device):
+        self.id = worker_id
+        self.engine = engine
+        self.device = str(device)
+        self.busy = False
+        self.requests_served = 0
+        self.tokens_generated = 0
+        self.batches = 0
+        self.max_rows_seen = 0
+        params = inspect.signature(engine.generate).parameters
+        self.has_top_p = "top_p" in params
+        self.multi = getattr(engine, "generate_multi", None)
+        self.multi_params = inspect.signature(self.multi).parameters if self.multi else {}
+
+
+class WorkerPool:
+    """Worker threads over one FIFO queue of Jobs."""
+
+    def __init__(self, engines, tokenizer, devices=None, max_batch=1, max_queue=64):
+        if not engines:
+            raise ValueError("the worker pool needs at least one engine")
+        devices = devices or ["cpu"] * len(engines)
+        self.workers = [Worker(i, e, d) for i, (e, d) in enumerate(zip(engines, devices))]
+        self.tokenizer = tokenizer
+        self.specials = {tokenizer.encode_special(s): s for s in tokenizer.get_special_tokens()}
+        self.max_batch = max(1, max_batch)
+        self.max_queue = max_queue
+        self.waiting = deque()
+        self.running = set()  # jobs being generated, so close() can stop them
+        self.cond = threading.Condition()
+        self.closed = False
+        self.requests_total = 0
+        self.requests_rejected = 0
+        self.requests_completed = 0
+        self.service_time_ewma = None  # seconds per request, for Retry-After
+        self.started_at = time.time()
+        self.threads = [threading.Thread(target=self._run, args=(w,), name=f"nanochat-worker-{w.id}", daemon=True)
+                        for w in self.workers]
+        for t in self.threads:
+            t.start()
+
+    @property
+    def supports_top_p(self):
+        return all(w.has_top_p for w in self.workers)
+
+    @property
+    def batching(self):
+        return self.max_batch > 1 and all(w.multi for w in self.workers)
+
+    # --- the request side (event loop) ---------------------------------------------------
+
+    def submit(self, job):
+        with self.cond:
+            if self.closed:
+                raise QueueFull("the server is shutting down")
+            self.requests_total += 1
+            self._drop_cancelled()
+            idle = sum(not w.busy for w in self.workers)  # a job for an idle worker waits only a moment
+            if len(self.waiting) >= self.max_queue + idle:
+                self.requests_rejected += 1
+                raise QueueFull(f"the request queue is full ({self.max_queue} waiting)")
+            self.waiting.append(job)
+            self.cond.notify()
+
+    def _drop_cancelled(self):
+        """Forget queued jobs whose client left or timed out (call with self.cond held), so they
+        hold no queue slot while the workers are busy."""
+        if any(job.cancel.is_set() for job in self.waiting):
+            self.waiting = deque(job for job in self.waiting if not job.cancel.is_set())
+
+    def retry_after(self):
+        """Seconds until a slot is likely free: queue length x recent service time / workers."""
+        per = self.service_time_ewma or 1.0
+        return max(1, min(60, math.ceil(per * (len(self.waiting) + 1) / len(self.workers))))
+
+    def close(self):
+        with self.cond:
+            self.closed = True
+            for job in list(self.waiting) + list(self.running):
+                job.cancel.set()
+            self.waiting.clear()
+            self.cond.notify_all()
+        for t in self.threads:
+            t.join(timeout=5)  # each worker notices the cancel flag within one token
+
+    def stats(self):
+        with self.cond:
+            self._drop_cancelled()
+        busy = sum(w.busy for w in self.workers)
+        return {
+            "total_workers": len(self.workers),
+            "available_workers": len(self.workers) - busy,
+            "busy_workers": busy,
+            "queue_depth": len(self.waiting),
+            "max_queue": self.max_queue,
+            "max_batch": self.max_batch,
+            "batching": self.batching,
+            "requests_total": self.requests_total,
+            "requests_completed": self.requests_completed,
+            "requests_rejected": self.requests_rejected,
+            "tokens_generated": sum(w.tokens_generated for w in self.workers),
+            "uptime_s": round(time.time() - self.started_at, 1),
+            "workers": [{"gpu_id": w.id, "device": w.device, "busy": w.busy, "requests_served": w.requests_served,
+                         "tokens_generated": w.tokens_generated, "batches": w.batches, "max_batch_rows": w.max_rows_seen}
+                        for w in self.workers],
+        }
+
+    # --- the worker side (threads) --------------------------------------------------------
+
+    def _take(self, worker):
+        """Block until there is work; -> list of jobs (one, or several to decode together)."""
+        with self.cond:
+            while True:
+                self._drop_cancelled()  # the client left while queued
+                if self.waiting or self.closed:
+                    break
+                self.cond.wait()
+            if self.closed:
+                return None
+            first = self.waiting.popleft()
+            jobs = [first]
+            if worker.multi and self.max_batch > 1:
+                rows = first.n
+                for job in list(self.waiting):
+                    if rows >= self.max_batch:
+                        break
+                    if job.cancel.is_set() or job.batch_key() != first.batch_key() or rows + job.n > self.max_batch:
+                        continue
+                    self.waiting.remove(job)
+                    jobs.append(job)
+                    rows += job.n
+            worker.busy = True
+            self.running.update(jobs)
+            return jobs
+
+    def _run(self, worker):
+        while True:
+            jobs = self._take(worker)
+            if jobs is None:
+                return
+            try:
+                now = time.monotonic()
+                for job in jobs:
+                    job.worker_id = worker.id
+                    job.started = now
+                    job.push("start", worker.id)
+                # with batching on, a job of n > 1 rows goes through generate_multi even alone: its
+                # rows then sample from seed + i whether or not other jobs joined it (same seed, same text)
+                if len(jobs) == 1 and (jobs[0].n == 1 or not (worker.multi and self.max_batch > 1)):
+                    self._serve_one(worker, jobs[0])
+                else:
+                    self._serve_many(worker, jobs)
+            except Exception:  # the engine failed: tell every client of this batch, keep serving
+                # the exception text can hold paths and internals: it goes to the log, not to clients
+                logger.exception(f"generation failed for {' '.join(job.id for job in jobs)}")
+                for job in jobs:
+                    job.push("error", f"Generation failed (request id {job.id}); the details are in the server log.")
+            finally:
+                worker.requests_served += len(jobs)
+                with self.cond:
+                    worker.busy = False
+                    self.running.difference_update(jobs)
+                    self.requests_completed += len(jobs)
+                    took = time.monotonic() - jobs[0].started
+                    self.service_time_ewma = took if self.service_time_ewma is None else 0.8 * self.service_time_ewma + 0.2 * took
+
+    def _rows(self, job):
+        return [RowDecoder(self.tokenizer, self.specials, job.max_tokens, job.stops) for _ in range(job.n)]
+
+    @staticmethod
+    def _expired(job):
+        return job.cancel.is_set() or (job.deadline is not None and time.monotonic() > job.deadline)
+
+    def _deliver(self, worker, job, rows, i, token):
+        """Feed one generated token to row i of job, count it, and push the text it releases."""
+        row = rows[i]
+        with job.lock:
+            if row.done or job.cancel.is_set():
+                return
+            job.completion_tokens += 1
+            worker.tokens_generated += 1
+            for part, text in row.feed(token):
+                job.push("delta", i, part, text)
+            if row.done:
+                job.push("finish", i, row.finish_reason)
+
+    def _end(self, worker, job, rows):
+        for i, row in enumerate(rows):
+            if not row.done:
+                out = []
+                row._finish("length", out)
+                for part, text in out:
+                    job.push("delta", i, part, text)
+                job.push("finish", i, row.finish_reason)
+        # every token was counted as it was delivered (_deliver)
+        completion = job.completion_tokens
+        job.push("end", {"prompt_tokens": len(job.prompt), "completion_tokens": completion,
+                         "total_tokens": len(job.prompt) + completion})
+
+    def _serve_one(self, worker, job):
+        if self._expired(job):
+            return
+        rows = self._rows(job)
+        kwargs = dict(num_samples=job.n, max_tokens=job.max_tokens, temperature=job.temperature,
+                      top_k=job.top_k or None, seed=job.seed)
+        if worker.has_top_p:
+            kwargs["top_p"] = job.top_p
+        worker.batches += 1
+        worker.max_rows_seen = max(worker.max_rows_seen, job.n)
+        gen = worker.engine.generate(job.prompt, **kwargs)
+        try:
+            for column, _masks in gen:
+                if self._expired(job):
+                    return
+                for i, token in enumerate(column[:job.n]):
+                    self._deliver(worker, job, rows, i, token)
+                if all(r.done for r in rows):
+                    break
+        finally:
+            gen.close()
+        self._end(worker, job, rows)
+
+    def _serve_many(self, worker, jobs):
+        """Dynamic batching: every row of every job in one generate_multi call."""
+        prompts, owners, seeds = [], [], []
+        rows = {}
+        for job in jobs:
+            if self._expired(job):
+                continue
+            rows[job.id] = self._rows(job)
+            for i in range(job.n):
+                prompts.append(job.prompt)
+                owners.append((job, i))
+                seeds.append(job.seed + i)
+        if not prompts:
+            return
+        first = jobs[0]
+        kwargs = dict(max_tokens=max(job.max_tokens for job, _ in owners), temperature=first.temperature,
+                      top_k=first.top_k or None, seeds=seeds)
+        if "top_p" in worker.multi_params:
+            kwargs["top_p"] = first.top_p
+        worker.batches += 1
+        worker.max_rows_seen = max(worker.max_rows_seen, len(prompts))
+        live = {job.id: job for job, _ in owners}
+        gen = worker.multi(prompts, **kwargs)
+        try:
+            for column, _masks in gen:
+                for r, token in enumerate(column):
+                    job, i = owners[r]
+                    if token is None or job.id not in live:
+                        continue
+                    if self._expired(job):
+                        del live[job.id]
+                        continue
+                    self._deliver(worker, job, rows[job.id], i, token)
+                for job_id in [j for j, job in live.items() if all(r.done for r in rows[j])]:
+                    self._end(worker, live.pop(job_id), rows[job_id])
+                if not live:
+                    break
+        finally:
+            gen.close()
+        for job_id, job in live.items():
+            self._end(worker, job, rows[job_id])
