@@ -46,7 +46,9 @@ def make_tiny_export(base_dir, export_dir, dtype="float32"):
 
     from scripts import export
 
-    tokenizer = make_tokenizer(base_dir, synthetic_texts(200, seed=123) + ["def f(x):\n    return x + 1\n"] * 20)
+    # 400 tokens: most words of the synthetic grammar are then single tokens (one-token answers)
+    tokenizer = make_tokenizer(base_dir, synthetic_texts(200, seed=123) + ["def f(x):\n    return x + 1\n"] * 20,
+                               vocab_size=400)
     model = random_model(tokenizer.get_vocab_size())
     with _env(NANOCHAT_BASE_DIR=base_dir):
         save_checkpoint(os.path.join(base_dir, "base_checkpoints", MODEL_TAG), STEP, model.state_dict(), None,
