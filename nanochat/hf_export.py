@@ -142,6 +142,7 @@ def _write_tokenizer(tokenizer, folder, sequence_len):
         **named,
         "additional_special_tokens": [t for t in specials if t not in named.values()],
         "add_bos_token": True,
+        "model_input_names": ["input_ids", "attention_mask"],  # no token_type_ids: generate() would refuse them
         "model_max_length": sequence_len,
         "clean_up_tokenization_spaces": False,  # decoding must give back the exact text
         "chat_template": chat_template(),
@@ -251,8 +252,10 @@ def load_export(path, device, phase, tokenizer=None):
     if not os.path.isfile(weights):
         raise NanochatError(f"{weights} is missing; export the model again.")
     state = load_file(weights, device=str(device))
-    if device.type in ("cpu", "mps"):
-        state = {k: v.float() if v.dtype == torch.bfloat16 else v for k, v in state.items()}
+    compute_fp32 = device.type in ("cpu", "mps")
+    # each tensor in its own fresh allocation: the file packs them at unaligned offsets, and CPU
+    # matmul kernels round differently on unaligned data (the logits would not be bit-identical)
+    state = {k: (v.float() if compute_fp32 and v.dtype == torch.bfloat16 else v).clone() for k, v in state.items()}
     with torch.device("meta"):
         model = GPT(config)
     model.to_empty(device=device)

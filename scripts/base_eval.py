@@ -124,11 +124,8 @@ class HFTokenizer:
 
 
 def _import_transformers():
-    try:
-        import transformers
-    except ImportError:
-        raise NanochatError("--hf-path needs the transformers package: `pip install transformers`.") from None
-    return transformers
+    from nanochat.common import require
+    return require("transformers", "hf", "--hf-path")
 
 
 def load_hf_model(hf_path, device):

@@ -40,7 +40,7 @@ def _base_dir(tiny, monkeypatch):
 
 def texts(tokenizer):
     """Three texts, the last longer than both attention windows (128 and 64 tokens)."""
-    long_text = " ".join(f"The old king {i} paints the cold sea at night." for i in range(10))
+    long_text = " ".join(f"The old king {i} paints the cold sea at night." for i in range(20))
     out = ["The cat", "A small bird remembers the green hill. def f(x): return x * 2", long_text]
     ids = [tokenizer.encode(t, prepend=tokenizer.get_bos_token_id()) for t in out]
     assert 200 < len(ids[2]) < 640  # past both windows, within the rotary table

@@ -6,6 +6,7 @@ answers are the ones our CORE code gives for the same items and prompt format.""
 import json
 import os
 import random
+import sys
 from types import SimpleNamespace
 
 import pytest
@@ -170,3 +171,12 @@ def test_script_writes_results_and_report(tiny):
     assert record["model"]["step"] == 7 and record["settings"]["chat_template"] is False
     report = open(os.path.join(tiny["base"], "report", "lm-eval-base.md")).read()
     assert MC_TASK in report
+
+
+def test_missing_extra_says_what_to_install(monkeypatch):
+    from nanochat.common import NanochatError
+    from scripts import lm_eval as script
+
+    monkeypatch.setitem(sys.modules, "lm_eval", None)  # as if not installed
+    with pytest.raises(NanochatError, match=r"pip install -e '\.\[eval\]'"):
+        script.main(["--tasks", "hellaswag"])

@@ -1,7 +1,7 @@
 """A nanochat GPT as a Hugging Face `transformers` causal LM, for `trust_remote_code=True`.
 
 Shipped inside an export by nanochat's `python -m scripts.export`; it needs torch and
-transformers (>= 4.56; tested with 5.x) and nothing from nanochat. The parameter names are
+transformers (tested with 4.57 and 5.24) and nothing from nanochat. The parameter names are
 nanochat's own, so model.safetensors is nanochat's state dict. The math is nanochat's gpt.py,
 in the same order, so fp32 logits agree with nanochat's to float rounding:
 
