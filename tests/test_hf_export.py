@@ -76,6 +76,27 @@ def test_logits_match_ours(tiny):
     assert worst < 1e-4
 
 
+def test_loss_and_manual_cache_steps(tiny):
+    """labels give nanochat's loss (shifted inside, as every transformers causal LM); a hand-written
+    decode loop over the returned cache gives the full forward's logits."""
+    from hf_helpers import SEQ_LEN
+
+    hf, model = tiny["hf"], tiny["model"]
+    ids = torch.tensor([texts(tiny["tokenizer"])[2][:SEQ_LEN]])
+    with torch.no_grad():
+        loss = hf(ids, labels=ids).loss
+        ours = model(ids[:, :-1], targets=ids[:, 1:])
+        assert abs(loss.item() - ours.item()) < 1e-5
+        full = hf(ids).logits
+        out = hf(ids[:, :40], use_cache=True)
+        steps = [out.logits]
+        cache = getattr(out, "cache", None) or getattr(out, "past_key_values", None)
+        for t in range(40, ids.size(1)):
+            kwargs = {"cache" if hasattr(out, "cache") else "past_key_values": cache}
+            steps.append(hf(ids[:, t:t + 1], use_cache=True, **kwargs).logits)
+        assert (torch.cat(steps, dim=1) - full).abs().max().item() < 1e-4
+
+
 def test_padded_batch_logits_match_each_row(tiny):
     """Left padding (as generate uses) and right padding change no real token's logits."""
     rows = texts(tiny["tokenizer"])[:2]

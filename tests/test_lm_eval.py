@@ -111,6 +111,25 @@ def test_wrapper_and_hf_backend_agree_on_every_item(both_paths):
     assert len({tuple(r) for r in per_item(ours, GEN_TASK, "filtered_resps").values()}) > 5
 
 
+def test_chat_template_path_agrees_with_hf_backend(tiny):
+    """A chat model's requests (--apply_chat_template): our rendering and the exported Jinja
+    template give the same prompts, so the same answers."""
+    from lm_eval import simple_evaluate
+    from lm_eval.tasks import TaskManager
+
+    lm = NanochatLM(tiny["model"], tiny["tokenizer"], batch_size=8)
+    ours = run(lm, [MC_TASK], include_path=tiny["tasks"], limit=20, chat=True, log_samples=True)
+    hf = simple_evaluate(model="hf", model_args={"pretrained": tiny["dir"], "trust_remote_code": True,
+                                                 "dtype": "float32", "device": "cpu"},
+                         tasks=[MC_TASK], batch_size=8, limit=20, log_samples=True, bootstrap_iters=0,
+                         apply_chat_template=True, fewshot_as_multiturn=True,
+                         task_manager=TaskManager(include_path=tiny["tasks"], include_defaults=False))
+    prompts = {s["doc_id"]: s["arguments"] for s in ours["samples"][MC_TASK]}
+    assert "<|assistant_start|>" in json.dumps(prompts[0])
+    assert prompts == {s["doc_id"]: s["arguments"] for s in hf["samples"][MC_TASK]}
+    assert per_item(ours, MC_TASK, "acc") == per_item(hf, MC_TASK, "acc")
+
+
 def test_multiple_choice_matches_core(tiny, both_paths):
     from nanochat.core_eval import evaluate_task
 
