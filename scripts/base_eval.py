@@ -30,6 +30,7 @@ from nanochat.common import (
     print0,
     run_main,
 )
+from nanochat.hf_export import is_export
 
 EVALS = ("core", "bpb", "sample")
 
@@ -216,7 +217,6 @@ def main(argv=None):
     t0 = time.time()
     ddp, rank, local_rank, world_size, device = compute_init(args.device_type)
     master = rank == 0
-    from nanochat.hf_export import is_export
     if args.hf_path and is_export(args.hf_path):  # our own export: the native model, samples and all
         args.model_tag, args.hf_path = os.path.abspath(args.hf_path), None
     if args.hf_path:
@@ -239,8 +239,10 @@ def main(argv=None):
         name = f"{args.source}/{os.path.basename(checkpoint_dir)}@{step}"
         csv_name = f"base_model_{step:06d}.csv"
         token_bytes = None
-        if "bpb" in args.evals:  # an export carries its tokenizer, not token_bytes.pt
-            token_bytes = tokenizer.token_bytes().to(device) if is_export(checkpoint_dir) else get_token_bytes(device=device)
+        if "bpb" in args.evals and is_export(checkpoint_dir):  # an export carries its tokenizer, not token_bytes.pt
+            token_bytes = tokenizer.token_bytes().to(device)
+        elif "bpb" in args.evals:
+            token_bytes = get_token_bytes(device=device)
     model.eval()
 
     summary = {"model": name, "step": step}

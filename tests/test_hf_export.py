@@ -325,3 +325,11 @@ def test_chat_cli_loads_an_export(tiny):
         {"messages": [{"role": "user", "content": "The cat"}, {"role": "assistant", "content": ""}]})
     expected = tiny["tokenizer"].decode(engine_greedy(tiny, prompt, 8))
     assert out.getvalue().rstrip("\n").endswith(expected.rstrip("\n"))
+
+
+def test_base_eval_loads_an_export_natively(tiny):
+    from scripts import base_eval
+
+    with contextlib.redirect_stdout(io.StringIO()):
+        summary = base_eval.main(["--hf-path", tiny["dir"], "--eval=sample", "--device-type=cpu"])
+    assert summary["model"] == f"base/export@{STEP}" and len(summary["samples"]["greedy"]) > 0
