@@ -194,6 +194,9 @@ def build_model(checkpoint_dir, step, device, phase, tokenizer=None):
 
     if phase not in ("train", "eval"):
         raise ValueError(f"phase must be 'train' or 'eval', not {phase!r}")
+    from nanochat import hf_export
+    if hf_export.is_export(checkpoint_dir):  # a Hugging Face model folder from scripts/export.py
+        return hf_export.load_export(checkpoint_dir, device, phase, tokenizer)
     device = torch.device(device)
     model_data, _, meta = load_checkpoint(checkpoint_dir, step, device)
     config = GPTConfig(**patch_model_config(meta["model_config"]))
@@ -219,7 +222,21 @@ def build_model(checkpoint_dir, step, device, phase, tokenizer=None):
 
 
 def resolve_checkpoint(source, model_tag=None, step=None):
-    """(checkpoint_dir, step) for a source, defaulting to the largest tag and its last step."""
+    """(checkpoint_dir, step) for a source, defaulting to the largest tag and its last step.
+    A model_tag that is a path (it has a slash, or starts with . or ~) names an exported model
+    folder instead: it resolves to that folder and the step it was exported at; build_model then
+    loads it."""
+    if model_tag and ("/" in model_tag or os.sep in model_tag or model_tag.startswith((".", "~"))):
+        from nanochat import hf_export
+        path = os.path.abspath(os.path.expanduser(model_tag))
+        if not hf_export.is_export(path):
+            raise NanochatError(f"{model_tag} is not a nanochat model export (no config.json with model_type "
+                                f"nanochat); write one with `python -m scripts.export` or pass a model tag.")
+        with open(os.path.join(path, "config.json"), encoding="utf-8") as f:
+            exported_step = (json.load(f).get("nanochat") or {}).get("step")
+        if step is not None and step >= 0 and exported_step is not None and step != exported_step:
+            raise NanochatError(f"{path} holds step {exported_step}, not step {step}; drop --step to load it.")
+        return path, exported_step if exported_step is not None else 0
     root = get_checkpoints_root(source)
     model_tag = model_tag or find_largest_model(root)
     checkpoint_dir = os.path.join(root, model_tag)

@@ -36,6 +36,17 @@ def run_main(main):
         sys.exit(130)
 
 
+def require(module, extra, what):
+    """Import an optional dependency, or fail with the one command that installs it."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise NanochatError(f"{what} needs the `{module.split('.')[0]}` package: install nanochat's [{extra}] extra "
+                            f"with `pip install -e '.[{extra}]'` from the nanochat checkout.") from None
+
+
 # -----------------------------------------------------------------------------
 # Where artifacts live
 

@@ -266,11 +266,45 @@ class Tokenizer:
 
     # --- interoperability ----------------------------------------------------------------
 
-    def to_huggingface_json(self, path):
+    def to_huggingface_json(self, path, add_bos=False):
         """Export as a Hugging Face tokenizer.json (byte-level BPE with our split pattern and
-        the specials as added tokens) that `tokenizers.Tokenizer.from_file` encodes identically."""
+        the specials as added tokens) that `tokenizers.Tokenizer.from_file` encodes identically.
+        add_bos: encoding with special tokens on (the default in transformers) prepends <|bos|>,
+        as a model export wants: nanochat models read every document from a <|bos|>."""
+        data = _huggingface_json(self.enc)
+        if add_bos:
+            bos = self.id_to_token(self.bos_token_id)
+            data["post_processor"] = {
+                "type": "TemplateProcessing",
+                "single": [{"SpecialToken": {"id": bos, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
+                "pair": [{"SpecialToken": {"id": bos, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}},
+                         {"Sequence": {"id": "B", "type_id": 0}}],
+                "special_tokens": {bos: {"id": bos, "ids": [self.bos_token_id], "tokens": [bos]}},
+            }
         with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
-            json.dump(_huggingface_json(self.enc), f, ensure_ascii=False)
+            json.dump(data, f, ensure_ascii=False)
+
+    @classmethod
+    def from_huggingface_json(cls, path):
+        """The inverse of to_huggingface_json: the same tiktoken Encoding (ranks, split pattern,
+        special tokens) from a tokenizer.json that nanochat wrote (a model export carries one)."""
+        try:
+            with open(path, encoding="utf-8") as f:
+                data = json.load(f)
+            model, pre = data["model"], data["pre_tokenizer"]["pretokenizers"][0]
+            if model["type"] != "BPE" or pre["type"] != "Split":
+                raise ValueError("not a byte-level BPE with a split pattern")
+            char_to_byte = {c: b for b, c in _bytes_to_unicode().items()}
+            ranks = {bytes(char_to_byte[c] for c in token): rank for token, rank in model["vocab"].items()}
+            pattern = pre["pattern"]["Regex"]
+            special = {t["content"]: t["id"] for t in data["added_tokens"] if t.get("special")}
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, IndexError, TypeError, ValueError) as e:
+            raise NanochatError(f"{path} is not a tokenizer.json written by nanochat ({type(e).__name__}: {e}); "
+                                f"export the model again with `python -m scripts.export`.") from None
+        missing = [t for t in SPECIAL_TOKENS if t not in special]
+        if missing:
+            raise NanochatError(f"{path} lacks the special tokens {missing}; it is not a nanochat tokenizer.")
+        return cls(tiktoken.Encoding(name="nanochat", pat_str=pattern, mergeable_ranks=ranks, special_tokens=special))
 
 
 RustBPETokenizer = Tokenizer  # upstream's name, for people's scripts

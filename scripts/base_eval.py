@@ -5,6 +5,7 @@ splits, and a few samples.
     python -m scripts.base_eval --eval=core --max-per-task=100 --bundle-dir=/data/eval_bundle
     torchrun --standalone --nproc_per_node=8 -m scripts.base_eval -- --model-tag=d20
     python -m scripts.base_eval --hf-path=openai-community/gpt2 --eval=core,bpb   # needs `transformers`
+    python -m scripts.base_eval --hf-path=out/d20    # a nanochat export (scripts/export.py): loaded natively
 
 Rank 0 writes the CORE table to base_dir/base_eval/base_model_{step:06d}.csv and prints a
 final JSON line {"base_eval": {...}}. When the eval bundle lacks some of the 22 tasks, CORE is
@@ -29,6 +30,7 @@ from nanochat.common import (
     print0,
     run_main,
 )
+from nanochat.hf_export import is_export
 
 EVALS = ("core", "bpb", "sample")
 
@@ -36,7 +38,9 @@ EVALS = ("core", "bpb", "sample")
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--eval", default="core,bpb,sample", help="comma-separated subset of core,bpb,sample")
-    p.add_argument("--hf-path", default=None, help="evaluate a Hugging Face causal LM instead (needs transformers)")
+    p.add_argument("--hf-path", default=None,
+                   help="evaluate a Hugging Face causal LM instead (needs transformers); a nanochat export "
+                        "(scripts/export.py) is loaded as a nanochat model")
     p.add_argument("-i", "--source", default="base", help="checkpoint source: base|sft|rl")
     p.add_argument("--model-tag", default=None, help="model tag (default: the largest d<N>)")
     p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the last)")
@@ -121,11 +125,8 @@ class HFTokenizer:
 
 
 def _import_transformers():
-    try:
-        import transformers
-    except ImportError:
-        raise NanochatError("--hf-path needs the transformers package: `pip install transformers`.") from None
-    return transformers
+    from nanochat.common import require
+    return require("transformers", "hf", "--hf-path")
 
 
 def load_hf_model(hf_path, device):
@@ -216,6 +217,8 @@ def main(argv=None):
     t0 = time.time()
     ddp, rank, local_rank, world_size, device = compute_init(args.device_type)
     master = rank == 0
+    if args.hf_path and is_export(args.hf_path):  # our own export: the native model, samples and all
+        args.model_tag, args.hf_path = os.path.abspath(args.hf_path), None
     if args.hf_path:
         _import_transformers()  # fail before any download
     if "core" in args.evals:  # find (or download) the bundle first: a missing one should not cost a bpb run
@@ -235,7 +238,11 @@ def main(argv=None):
         seq_len = model.config.sequence_len
         name = f"{args.source}/{os.path.basename(checkpoint_dir)}@{step}"
         csv_name = f"base_model_{step:06d}.csv"
-        token_bytes = get_token_bytes(device=device) if "bpb" in args.evals else None
+        token_bytes = None
+        if "bpb" in args.evals and is_export(checkpoint_dir):  # an export carries its tokenizer, not token_bytes.pt
+            token_bytes = tokenizer.token_bytes().to(device)
+        elif "bpb" in args.evals:
+            token_bytes = get_token_bytes(device=device)
     model.eval()
 
     summary = {"model": name, "step": step}

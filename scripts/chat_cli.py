@@ -10,6 +10,7 @@ plus --max-tokens would not fit, the oldest turns are dropped (a note says so).
 """
 
 import argparse
+import os
 import sys
 
 import torch
@@ -86,6 +87,7 @@ def main(argv=None):
     p.add_argument("-i", "--source", default="sft", choices=["sft", "rl", "base"], help="which checkpoints to load")
     p.add_argument("-g", "--model-tag", default=None, help="model tag (default: the largest d<N>)")
     p.add_argument("-s", "--step", type=int, default=None, help="step (default: the last)")
+    p.add_argument("--hf-path", default=None, help="an exported model folder (scripts/export.py) to load instead of a checkpoint")
     p.add_argument("-p", "--prompt", default="", help="ask one question, print the answer and exit")
     p.add_argument("-t", "--temperature", type=float, default=0.6)
     p.add_argument("-k", "--top-k", type=int, default=50)
@@ -108,7 +110,8 @@ def main(argv=None):
         raise NanochatError("--device-type=cuda was asked for but no CUDA device is visible; use --device-type=cpu.")
     if device.type == "mps" and not torch.backends.mps.is_available():
         raise NanochatError("--device-type=mps was asked for but MPS is not available; use --device-type=cpu.")
-    model, tokenizer, _ = load_model(args.source, device, phase="eval", model_tag=args.model_tag, step=args.step)
+    model_tag = os.path.abspath(args.hf_path) if args.hf_path else args.model_tag
+    model, tokenizer, _ = load_model(args.source, device, phase="eval", model_tag=model_tag, step=args.step)
     engine = Engine(model, tokenizer, compile=None if args.compile is None else bool(args.compile))
     conversation = Conversation(tokenizer, model.config.sequence_len, args.max_tokens)
     out = sys.stdout

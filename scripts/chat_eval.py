@@ -34,6 +34,7 @@ def parse_args(argv=None):
     p.add_argument("-k", "--top-k", type=int, default=50)
     p.add_argument("-b", "--batch-size", type=int, default=8, help="problems per forward (categorical tasks)")
     p.add_argument("-g", "--model-tag", default=None, help="model tag (default: the largest d<N>)")
+    p.add_argument("--hf-path", default=None, help="an exported model folder (scripts/export.py) to load instead of a checkpoint")
     p.add_argument("-s", "--step", type=int, default=None, help="checkpoint step (default: the last)")
     p.add_argument("-x", "--max-problems", type=int, default=None, help="evaluate at most this many problems per task")
     p.add_argument("--device-type", default="", help="cuda|cpu|mps (empty: autodetect)")
@@ -75,7 +76,8 @@ def main(argv=None):
     if args.data_dir:
         args.data_dir = os.path.abspath(os.path.expanduser(args.data_dir))
     ddp, rank, local_rank, world_size, device = compute_init(args.device_type)
-    model, tokenizer, meta = load_model(args.source, device, "eval", model_tag=args.model_tag, step=args.step)
+    model_tag = os.path.abspath(args.hf_path) if args.hf_path else args.model_tag
+    model, tokenizer, meta = load_model(args.source, device, "eval", model_tag=model_tag, step=args.step)
     model.eval()
     step = meta.get("step", args.step)
 

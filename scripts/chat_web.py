@@ -24,6 +24,7 @@ def parse_args(argv=None):
     p.add_argument("-m", "--max-tokens", type=int, default=512, help="default max new tokens per reply")
     p.add_argument("-g", "--model-tag", default=None, help="model tag to load (default: the largest)")
     p.add_argument("-s", "--step", type=int, default=None, help="checkpoint step (default: the last)")
+    p.add_argument("--hf-path", default=None, help="an exported model folder (scripts/export.py) to load instead of a checkpoint")
     p.add_argument("-p", "--port", type=int, default=8000)
     p.add_argument("--host", default="127.0.0.1", help="bind address; 0.0.0.0 exposes the server to the network")
     p.add_argument("--device-type", default="", choices=["", "cuda", "cpu", "mps"], help="default: autodetect")
@@ -90,8 +91,9 @@ def main(argv=None):
     from nanochat.server.run import uvicorn_config
 
     args = parse_args(argv)
+    model_tag = os.path.abspath(args.hf_path) if args.hf_path else args.model_tag
     engines, tokenizer, devices, model_name = load_engines(args.num_gpus, args.source, args.device_type,
-                                                           args.model_tag, args.step)
+                                                           model_tag, args.step)
     app = create_app(engines, tokenizer, model_name=model_name, devices=devices, temperature=args.temperature,
                      top_k=args.top_k, max_tokens=args.max_tokens, max_batch=args.max_batch,
                      max_queue=args.max_queue, request_timeout=args.request_timeout or None, api_key=args.api_key,
