@@ -35,6 +35,8 @@ def parse_args(argv=None):
                    help="allow cross-origin requests from this origin (repeatable; '*' for any); off by default")
     p.add_argument("--log-conversations", action="store_true",
                    help="also log every conversation and reply (default: one metadata line per request)")
+    p.add_argument("--sandbox", choices=["auto", "strict"], default=None,
+                   help="strict: refuse to run model code without full isolation (default: $NANOCHAT_SANDBOX, else auto)")
     args = p.parse_args(argv)
     checks = [
         (args.num_gpus >= 1, "--num-gpus must be at least 1."),
@@ -55,9 +57,14 @@ def parse_args(argv=None):
 def main(argv=None):
     import uvicorn
 
+    from nanochat.execution import check_sandbox, sandbox_mode
     from nanochat.server import create_app, load_engines
 
     args = parse_args(argv)
+    if args.sandbox:
+        os.environ["NANOCHAT_SANDBOX"] = args.sandbox
+    if sandbox_mode() == "strict":  # refuse to start, rather than at the first answer that runs code
+        check_sandbox()
     engines, tokenizer, devices, model_name = load_engines(args.num_gpus, args.source, args.device_type,
                                                            args.model_tag, args.step)
     app = create_app(engines, tokenizer, model_name=model_name, devices=devices, temperature=args.temperature,
