@@ -435,7 +435,8 @@ def _humaneval_task():
 
 @needs_humaneval
 def test_humaneval_canonical_solutions_pass_and_wrong_ones_fail():
-    """All 164 canonical solutions pass through evaluate (two at a time, ~20 s on 2 cores);
+    """All 164 canonical solutions pass through evaluate (two at a time; each check runs the
+    program in the sandbox and its tests in a second process: ~50 s on 2 busy cores);
     NANOCHAT_HUMANEVAL_SAMPLE=N checks only N of them."""
     task = _humaneval_task()
     assert len(task) == 164 and task.eval_type == "generative"
