@@ -15,14 +15,16 @@ execute_code(code, timeout=5.0, maximum_memory_bytes=256 MiB) -> ExecutionResult
       "bwrap"          bubblewrap (apt-get install bubblewrap) is on PATH and works;
       "namespaces"     no bwrap, but the kernel lets us create the same namespaces ourselves;
       "per-run-uid"    no namespaces (a typical container), but we are root: degraded;
-      "process-group"  none of the above (a non-root user in a container): degraded.
+      "process-group"  none of the above (a non-root user in a container): degraded; never
+                       chosen as the machine's root (model code would run as root).
     The two full levels give every run new PID, network, mount, IPC and UTS namespaces. Its file
     system is a read-only view of the interpreter (/usr, the Python prefixes it imports from),
     a minimal /dev, its own /proc, and one empty writable directory (/tmp, also its cwd and
-    HOME); the home directory, the data folder and other runs do not exist there. No network
-    interface is up, so nothing can be connected to, not even 127.0.0.1. Its PID 1 is our own
-    small init, which waits for the program and then exits: the kernel then kills everything
-    left in the namespace, so no process of a run outlives it, and runs cannot see each other.
+    HOME); the home directory, the data folder and other runs do not exist there. Its network
+    is at most its own loopback: nothing outside, not even the host's 127.0.0.1, can be reached.
+    Its PID 1 is our own small init, which waits for the program and then exits: the kernel then
+    kills everything left in the namespace, so no process of a run outlives it, and runs cannot
+    see each other.
     As root the program runs as a uid of its own (a per-run uid, so RLIMIT_NPROC bounds this
     run only and its files belong to no one else); otherwise as the caller's user inside a user
     namespace, with every capability dropped. Always: no new privileges (setuid binaries do not
@@ -265,6 +267,10 @@ def _unavailable(level):
         return f"no pivot_root syscall number for {platform.machine()}"
     if level == "per-run-uid" and not (_IS_ROOT and _uid_pool()):
         return "not root" if not _IS_ROOT else "no spare uid is mapped in this user namespace"
+    if level == "process-group" and _IS_ROOT and any(line.split()[:2] == ["0", "0"]
+                                                     for line in _id_maps()[0].splitlines()):
+        # our root is the machine's (uid_map "0 0 ..."); a rootless container's root is no one outside
+        return "it would run model code as the machine's root"
     return None
 
 
@@ -383,6 +389,7 @@ def _sandbox_child():
     cfg = json.loads(sys.argv[2])
     level, run_as, status_fd = cfg["level"], cfg["run_as"], cfg["status_fd"]
     libc = ctypes.CDLL(None, use_errno=True)
+    linux = sys.platform == "linux"  # elsewhere only the process-group level runs, without prctl and capabilities
     # <linux/sched.h>, <linux/mount.h>, <linux/prctl.h>
     CLONE_NEWNS, CLONE_NEWUTS, CLONE_NEWIPC = 0x20000, 0x4000000, 0x8000000
     CLONE_NEWUSER, CLONE_NEWPID, CLONE_NEWNET = 0x10000000, 0x20000000, 0x40000000
@@ -400,6 +407,8 @@ def _sandbox_child():
             raise OSError(err, f"{what}: {os.strerror(err)}")
 
     def prctl(option, arg2=0, arg3=0):
+        if not linux:
+            return
         args = (ctypes.c_ulong(arg2), ctypes.c_ulong(arg3), ctypes.c_ulong(0), ctypes.c_ulong(0))
         check(libc.prctl(option, *args), f"prctl({option})")
 
@@ -499,6 +508,8 @@ def _sandbox_child():
         os._exit(0)
 
     def drop_capabilities():  # a user namespace of our own gave us all of them (or we are root): none for the program
+        if not linux:
+            return
         for cap in range(64):
             if libc.prctl(PR_CAPBSET_DROP, ctypes.c_ulong(cap), ctypes.c_ulong(0), ctypes.c_ulong(0),
                           ctypes.c_ulong(0)) != 0:
@@ -581,7 +592,7 @@ def _sandbox_child():
         set_limit(resource.RLIMIT_CPU, cfg["cpu_seconds"], cfg["cpu_seconds"] + 1)
         report("ready")
         keep = {0, 1, 2, *cfg["serve_fds"], *(int(p[len("/proc/self/fd/"):]) for p in moved.values())}
-        for fd in [int(name) for name in os.listdir("/proc/self/fd")]:
+        for fd in [int(name) for name in os.listdir("/proc/self/fd" if linux else "/dev/fd")]:
             if fd not in keep:
                 try:
                     os.close(fd)
@@ -764,18 +775,23 @@ def _bwrap_argv(run_as, workdir, info_fd):
 _pool_cache = None
 
 
+def _id_maps():
+    """This user namespace's /proc/self/uid_map and gid_map texts (lines: inside outside count)."""
+    maps = []
+    for name in ("uid_map", "gid_map"):
+        try:
+            with open(f"/proc/self/{name}") as f:
+                maps.append(f.read())
+        except OSError:  # no user namespaces: every id is itself
+            maps.append(f"0 0 {2**32 - 1}")
+    return maps
+
+
 def _uid_pool():
     """uids a run may take here (cached): see _pool_from_maps."""
     global _pool_cache
     if _pool_cache is None:
-        maps = []
-        for name in ("uid_map", "gid_map"):
-            try:
-                with open(f"/proc/self/{name}") as f:
-                    maps.append(f.read())
-            except OSError:  # no user namespaces: every id exists
-                maps.append(f"0 0 {2**32 - 1}")
-        _pool_cache = _pool_from_maps(*maps, taken={entry.pw_uid for entry in pwd.getpwall()})
+        _pool_cache = _pool_from_maps(*_id_maps(), taken={entry.pw_uid for entry in pwd.getpwall()})
     return _pool_cache
 
 
