@@ -24,6 +24,7 @@ CONVERSATION = {"messages": [{"role": "user", "content": PROMPT},
                              {"role": "assistant", "content": PROMPT + "    return sum(xs)\n"}],
                 "task_id": "Toy/0", "entry_point": "add_all", "test": TESTS}
 HONEST = "def add_all(xs):\n    return sum(xs)\n"
+SLOW = 15.0  # timeout for runs that should finish: generous, interpreters start slowly on a busy machine
 WRONG = "def add_all(xs):\n    return 7\n"
 
 CHEATS = {
@@ -89,11 +90,11 @@ def test_only_plain_data_leaves_the_sandbox():
 
 
 def test_honest_solution_passes_and_wrong_one_fails():
-    result = check_function(HONEST, "add_all", PROMPT + TESTS)
+    result = check_function(HONEST, "add_all", PROMPT + TESTS, timeout=SLOW)
     assert result.passed and result.error is None, result
-    wrong = check_function(WRONG, "add_all", PROMPT + TESTS)
+    wrong = check_function(WRONG, "add_all", PROMPT + TESTS, timeout=SLOW)
     assert not wrong.passed and "AssertionError" in wrong.error
-    missing = check_function("x = 1\n", "add_all", PROMPT + TESTS)
+    missing = check_function("x = 1\n", "add_all", PROMPT + TESTS, timeout=SLOW)
     assert not missing.passed and "KeyError" in missing.error
 
 
@@ -102,7 +103,7 @@ def test_values_keep_their_types_across():
              "    r = candidate((1, 2), {'a': [1.5, float('inf')]}, k={3})\n"
              "    assert r == ((1, 2), {'a': [1.5, float('inf')]}, {3}), r\n"
              "    assert type(r[0]) is tuple and type(r[2]) is set\n")
-    result = check_function("def f(t, d, k):\n    return t, d, k\n", "f", tests)
+    result = check_function("def f(t, d, k):\n    return t, d, k\n", "f", tests, timeout=SLOW)
     assert result.passed, result
 
 
@@ -116,18 +117,19 @@ def level(request, monkeypatch):
 
 @pytest.mark.parametrize("name", sorted(CHEATS))
 def test_cheating_scores_zero(name, level):
-    result = check_function(CHEATS[name], "add_all", PROMPT + TESTS, timeout=3.0)
+    waits = name in ("sleep_past_the_timeout", "hang_in_the_function")
+    result = check_function(CHEATS[name], "add_all", PROMPT + TESTS, timeout=3.0 if waits else SLOW)
     assert result.execution.isolation == level
     assert result.passed is False and result.error
     if name in ("patch_sys_exit", "kill_the_grader"):  # the same with an honest function passes
-        assert check_function(CHEATS[name].replace(WRONG, HONEST), "add_all", PROMPT + TESTS, timeout=3.0).passed
+        assert check_function(CHEATS[name].replace(WRONG, HONEST), "add_all", PROMPT + TESTS, timeout=SLOW).passed
     assert os.getpid() > 0  # the test process (the graders' parent) is still here
     assert survivors() == []
 
 
 def test_humaneval_evaluate_scores_honest_1_and_cheats_0():
     class Task:  # HumanEval.evaluate without its dataset
-        timeout = 3.0
+        timeout = SLOW
 
     assert HumanEval.evaluate(Task(), CONVERSATION, CONVERSATION["messages"][1]["content"]) == 1
     assert HumanEval.evaluate(Task(), CONVERSATION, f"Sure:\n```python\n{HONEST}```") == 1

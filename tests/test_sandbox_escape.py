@@ -32,7 +32,7 @@ def level(request, monkeypatch):
     return level
 
 
-def run(code, level, timeout=5.0, **kwargs):
+def run(code, level, timeout=15.0, **kwargs):  # generous: interpreters start slowly on a busy machine
     result = execute_code(code, timeout=timeout, **kwargs)
     assert result.isolation == level
     return result
@@ -79,10 +79,14 @@ def test_a_leftover_cannot_write_into_the_next_run(level):
     assert result.success and result.stdout == "[]\n", result.stdout + result.stderr
 
 
-def test_runs_cannot_see_or_touch_each_other(level):
-    victim = "import time\ntime.sleep(5)\nprint('victim done')"
+def test_runs_cannot_see_or_touch_each_other(level, tmp_path):
+    # the victim lives until the attack is over: a flag file at a degraded level (where it can see
+    # the host's /tmp), a few seconds at a full one (where it can see nothing and is never found)
+    flag = f"/tmp/nanochat-test-attack-over-{os.getpid()}-{random.randrange(10**9)}"
+    victim = (f"import os, time\nend = time.time() + {3 if level in FULL_ISOLATION else 40}\n"
+              f"while time.time() < end and not os.path.exists({flag!r}):\n    time.sleep(0.05)\nprint('victim done')")
     outcome = {}
-    thread = threading.Thread(target=lambda: outcome.update(victim=run(victim, level, timeout=20)))
+    thread = threading.Thread(target=lambda: outcome.update(victim=run(victim, level, timeout=60)))
     thread.start()
     deadline = time.monotonic() + 20
     while not survivors() and time.monotonic() < deadline:  # wait until the victim runs
@@ -116,8 +120,12 @@ def test_runs_cannot_see_or_touch_each_other(level):
         "        pass\n"
         "print(found, attached, read, killed)\n"
     )
-    result = run(attacker, level)
-    thread.join(30)
+    try:
+        result = run(attacker, level)
+    finally:
+        open(flag, "w").close()
+        thread.join(60)
+        os.remove(flag)
     assert result.success, result.stderr
     found, attached, read, killed = map(int, result.stdout.split())
     assert (attached, read, killed) == (0, 0, 0)
