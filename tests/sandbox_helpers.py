@@ -34,9 +34,13 @@ def survivors(*tokens):
 def force_degraded(monkeypatch):
     """Probe the sandbox again as if bwrap and our own namespaces were refused (what a typical
     container gives); returns the level obtained: per-run-uid as root, else process-group."""
+    return refuse_levels(monkeypatch, execution.FULL_ISOLATION)
+
+
+def refuse_levels(monkeypatch, refused):
+    """Probe the sandbox again as if the levels in `refused` failed here; returns the level obtained."""
     real = execution._unavailable
-    monkeypatch.setattr(execution, "_unavailable",
-                        lambda level: "refused by the test" if level in execution.FULL_ISOLATION else real(level))
+    monkeypatch.setattr(execution, "_unavailable", lambda level: "refused by the test" if level in refused else real(level))
     monkeypatch.setattr(execution, "_isolation", None)
     return execution.isolation()[0]
 

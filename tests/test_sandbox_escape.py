@@ -1,7 +1,8 @@
 """The hostile-program corpus: each way a model's program could try to outlive its run, reach
 other runs, the caller, its files or the network, run at the best isolation level this machine
-gives and at a degraded level the test forces (bwrap and namespaces refused). Every test asserts
-the attack's outcome and that, when execute_code returns, no process of the run exists."""
+gives, at our own namespaces (bwrap refused, when bwrap is the best) and at a degraded level the
+test forces (bwrap and namespaces refused). Every test asserts the attack's outcome and that,
+when execute_code returns, no process of the run exists."""
 
 import os
 import random
@@ -12,7 +13,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-from sandbox_helpers import IS_ROOT, force_degraded, survivors
+from sandbox_helpers import IS_ROOT, force_degraded, refuse_levels, survivors
 
 from nanochat import execution
 from nanochat.execution import FULL_ISOLATION, execute_code
@@ -20,9 +21,16 @@ from nanochat.execution import FULL_ISOLATION, execute_code
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="the sandbox's isolation is Linux-specific")
 
 
-@pytest.fixture(params=["best", "degraded"])
+@pytest.fixture(params=["best", "namespaces", "degraded"])
 def level(request, monkeypatch):
-    level = force_degraded(monkeypatch) if request.param == "degraded" else execution.isolation()[0]
+    if request.param == "namespaces":
+        if execution.isolation()[0] != "bwrap":
+            pytest.skip("the best level here is not bwrap: 'best' already covers what there is")
+        level = refuse_levels(monkeypatch, ("bwrap",))
+        if level != "namespaces":
+            pytest.skip(f"the kernel refuses our own namespaces here: {execution.isolation()[1]}")
+    else:
+        level = force_degraded(monkeypatch) if request.param == "degraded" else execution.isolation()[0]
     assert level != "none", f"the sandbox cannot start here: {execution.isolation()[1]}"
     if level == "process-group":
         pytest.skip("without namespaces and without a uid of its own the program runs as this user and nothing "
