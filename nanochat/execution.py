@@ -36,9 +36,9 @@ execute_code(code, timeout=5.0, maximum_memory_bytes=256 MiB) -> ExecutionResult
     (os.kill/system/fork/remove/... and subprocess.Popen set to None, exit/quit/help removed).
     The degraded levels keep the process group, rlimits, deadline and guard, and lack this:
       per-run-uid    the host's PID, network and mount namespaces: the program can see other
-                     processes (not signal or trace them), use the network and read
-                     world-readable files. Its processes are found by uid and killed after the
-                     run. An interpreter in a directory other users cannot enter (pyenv or uv
+                     processes (not signal or trace them), use the network, read
+                     world-readable files and leave files in world-writable places (/tmp).
+                     Its processes are found by uid and killed after the run. An interpreter in a directory other users cannot enter (pyenv or uv
                      under /root) is imported through descriptors opened before the drop, which
                      also expose that directory's world-readable parents.
       process-group  everything: the program runs as the caller, can read and write the
@@ -57,9 +57,9 @@ check_function(code, function, check_source, timeout) -> CheckResult
     whose __eq__ is always True cannot cross, and a patched sys.exit or builtins, a printed
     marker, an early exit, a kill or a sleep past the deadline can only make the check fail.
 
-What the sandbox does not defend: kernel bugs (it is namespaces and rlimits, not a VM), total
-memory of a fork bomb (RLIMIT_AS is per process; RLIMIT_NPROC bounds the count), and the
-degraded levels' gaps above.
+What the sandbox does not defend: kernel bugs (it is namespaces and rlimits, not a VM), the
+total memory of many processes and the total size of many files (the limits are per process and
+per file; the deadline ends both), and the degraded levels' gaps above.
 """
 
 import ast
@@ -210,8 +210,8 @@ class CheckResult:
 _isolation = None  # (level, missing) once probed
 _isolation_lock = threading.Lock()
 _LACKS = {
-    "per-run-uid": "no PID, network or mount namespace: the program can see other processes, use the network "
-                   "and read world-readable files",
+    "per-run-uid": "no PID, network or mount namespace: the program can see other processes, use the network, "
+                   "read world-readable files and leave files in world-writable places like /tmp",
     "process-group": "no namespaces and no uid of its own: the program runs as this user, can use the network, "
                      "touch this user's files and processes, and escape the final kill with setsid",
 }
