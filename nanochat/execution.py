@@ -366,7 +366,7 @@ def _sandbox_child():
     """What every sandbox runs first. By level:
       bwrap          bwrap made the namespaces and the view; this process is their PID 1 (init);
       namespaces     this process (S) unshares them and forks the init, which mounts the view
-                     and pivots into it; S waits for it and relays a kill;
+                     and pivots into it; S waits for it outside;
       per-run-uid, process-group: no init, this process is the program.
     The init forks the program, reports its wait status on the status pipe and exits; the kernel
     then kills whatever is left in the PID namespace. The program drops to its user, sets its
@@ -406,11 +406,10 @@ def _sandbox_child():
             err = ctypes.get_errno()
             raise OSError(err, f"{what}: {os.strerror(err)}")
 
-    def prctl(option, arg2=0, arg3=0):
-        if not linux:
-            return
-        args = (ctypes.c_ulong(arg2), ctypes.c_ulong(arg3), ctypes.c_ulong(0), ctypes.c_ulong(0))
-        check(libc.prctl(option, *args), f"prctl({option})")
+    def prctl(option, arg=0):
+        if linux:
+            args = (ctypes.c_ulong(arg), ctypes.c_ulong(0), ctypes.c_ulong(0), ctypes.c_ulong(0))
+            check(libc.prctl(option, *args), f"prctl({option})")
 
     def die_with_parent(parent):  # SIGKILL when the process that started us goes (set again after each setuid)
         prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
@@ -424,7 +423,7 @@ def _sandbox_child():
             flags |= CLONE_NEWUSER
         uid, gid = os.getuid(), os.getgid()
         check(libc.unshare(flags), "unshare")
-        if flags & CLONE_NEWUSER:  # keep our own ids inside (never 0: exec must not grant capabilities)
+        if flags & CLONE_NEWUSER:  # our own ids inside (the program's capabilities go, bounding set included)
             for name, text in (("setgroups", "deny"), ("uid_map", f"{uid} {uid} 1"), ("gid_map", f"{gid} {gid} 1")):
                 with open(f"/proc/self/{name}", "w") as f:
                     f.write(text)
@@ -432,9 +431,7 @@ def _sandbox_child():
         init = os.fork()
         if init:
             os.close(lifeline)
-            report(f"init {init}")
-            # the parent ends a run by killing the init; a SIGTERM to S does the same
-            signal.signal(signal.SIGTERM, lambda *_: os.kill(init, signal.SIGKILL))
+            report(f"init {init}")  # the parent ends a run early by killing it
             os.waitpid(init, 0)  # returns once the init has exited and its namespace is empty
             os._exit(0)
         os.close(keep_alive)
