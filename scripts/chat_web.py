@@ -63,7 +63,7 @@ def main(argv=None):
     args = parse_args(argv)
     if args.sandbox:
         os.environ["NANOCHAT_SANDBOX"] = args.sandbox
-    if sandbox_mode() == "strict":  # refuse to start, rather than at the first answer that runs code
+    if sandbox_mode() == "strict":  # serve only where model code would run fully isolated
         check_sandbox()
     engines, tokenizer, devices, model_name = load_engines(args.num_gpus, args.source, args.device_type,
                                                            args.model_tag, args.step)
