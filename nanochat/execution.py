@@ -1113,7 +1113,8 @@ def check_function(code, function, check_source, timeout=5.0, maximum_memory_byt
     open_fds = {source_r, source_w, call_r, call_w, reply_r, reply_w}
     grader = None
     try:
-        cfg = {"function": function, "source_fd": source_r, "call_fd": call_w, "reply_fd": reply_r, "max_reply_bytes": MAX_REPLY_BYTES}
+        cfg = {"function": function, "source_fd": source_r, "call_fd": call_w, "reply_fd": reply_r,
+               "max_reply_bytes": MAX_REPLY_BYTES}
         grader = subprocess.Popen([sys.executable, "-I", "-X", "utf8", "-c", _GRADER_PROGRAM, json.dumps(cfg)],
                                   stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
                                   pass_fds=(source_r, call_w, reply_r), start_new_session=True,
@@ -1121,12 +1122,12 @@ def check_function(code, function, check_source, timeout=5.0, maximum_memory_byt
         for fd in (source_r, call_w, reply_r):  # the grader's ends: each side sees EOF once the other is gone
             os.close(fd)
             open_fds.discard(fd)
-        with os.fdopen(source_w, "wb") as f:  # the grader reads it all first thing
-            open_fds.discard(source_w)
-            try:
+        open_fds.discard(source_w)
+        try:
+            with os.fdopen(source_w, "wb") as f:  # the grader reads it all first thing
                 f.write(check_source.encode("utf-8"))
-            except BrokenPipeError:
-                pass
+        except BrokenPipeError:  # it died at once: no verdict, a failed check
+            pass
         execution = _execute(code, timeout, maximum_memory_bytes, level,
                              serve={"function": function, "call_fd": call_r, "reply_fd": reply_w})
     except OSError as e:
