@@ -39,6 +39,8 @@ def parse_args(argv=None):
     p.add_argument("-x", "--max-problems", type=int, default=None, help="evaluate at most this many problems per task")
     p.add_argument("--device-type", default="", help="cuda|cpu|mps (empty: autodetect)")
     p.add_argument("--data-dir", default=None, help="local task data (default: $NANOCHAT_TASK_DATA_DIR, else download)")
+    p.add_argument("--sandbox", choices=["auto", "strict"], default=None,
+                   help="strict: refuse to run model code without full isolation (default: $NANOCHAT_SANDBOX, else auto)")
     args = p.parse_args(argv)
     if args.task_name is None:
         args.tasks, args.explicit = list(ALL_TASKS), False
@@ -75,6 +77,8 @@ def main(argv=None):
     t0 = time.time()
     if args.data_dir:
         args.data_dir = os.path.abspath(os.path.expanduser(args.data_dir))
+    if args.sandbox:
+        os.environ["NANOCHAT_SANDBOX"] = args.sandbox
     ddp, rank, local_rank, world_size, device = compute_init(args.device_type)
     model_tag = os.path.abspath(args.hf_path) if args.hf_path else args.model_tag
     model, tokenizer, meta = load_model(args.source, device, "eval", model_tag=model_tag, step=args.step)

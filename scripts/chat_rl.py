@@ -83,6 +83,8 @@ def parse_args(argv=None):
     p.add_argument("--resume-from-step", type=int, default=None, help="resume this RL run from a step; -1 = the latest")
     p.add_argument("--data-dir", default=None, help="task data folder (sets NANOCHAT_TASK_DATA_DIR)")
     p.add_argument("--peak-flops", type=float, default=-1.0, help="device peak FLOP/s for MFU (default: GPU table, measured on CPU)")
+    p.add_argument("--sandbox", choices=["auto", "strict"], default=None,
+                   help="strict: refuse to run model code without full isolation (default: $NANOCHAT_SANDBOX, else auto)")
     return p.parse_args(argv)
 
 
@@ -187,6 +189,8 @@ def train(args, train_task=None, val_task=None):
     user_config = dict(vars(args))
     if args.data_dir:
         os.environ["NANOCHAT_TASK_DATA_DIR"] = os.path.abspath(args.data_dir)
+    if args.sandbox:
+        os.environ["NANOCHAT_SANDBOX"] = args.sandbox
     ddp, rank, local_rank, world_size, device = compute_init(args.device_type)
     master = rank == 0
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
@@ -219,6 +223,10 @@ def train(args, train_task=None, val_task=None):
     if val_task is None and args.eval_every > 0:
         from nanochat.tasks.gsm8k import GSM8K
         val_task = GSM8K(subset="main", split="test")
+    if any(getattr(task, "executes_code", False) for task in (train_task, val_task)):
+        from nanochat.execution import check_sandbox
+
+        check_sandbox()  # rewards from model code: fail now if the sandbox cannot start, not reward 0 forever
     num_train = len(train_task)
     num_steps = args.num_iterations if args.num_iterations > 0 else (num_train // args.examples_per_step) * args.num_epochs
     if num_steps <= 0:

@@ -52,6 +52,8 @@ def parse_args(argv=None):
                    help="seconds an idle connection is kept open between requests")
     p.add_argument("--max-connections", type=int, default=MAX_CONNECTIONS,
                    help="open connections at once (lowered to fit the open-file limit); more are refused with 503")
+    p.add_argument("--sandbox", choices=["auto", "strict"], default=None,
+                   help="strict: refuse to run model code without full isolation (default: $NANOCHAT_SANDBOX, else auto)")
     args = p.parse_args(argv)
     checks = [
         (args.num_gpus >= 1, "--num-gpus must be at least 1."),
@@ -87,10 +89,15 @@ def allowed_hosts(host, extra):
 def main(argv=None):
     import uvicorn
 
+    from nanochat.execution import check_sandbox, sandbox_mode
     from nanochat.server import create_app, load_engines
     from nanochat.server.run import uvicorn_config
 
     args = parse_args(argv)
+    if args.sandbox:
+        os.environ["NANOCHAT_SANDBOX"] = args.sandbox
+    if sandbox_mode() == "strict":  # serve only where model code would run fully isolated
+        check_sandbox()
     model_tag = os.path.abspath(args.hf_path) if args.hf_path else args.model_tag
     engines, tokenizer, devices, model_name = load_engines(args.num_gpus, args.source, args.device_type,
                                                            model_tag, args.step)

@@ -408,7 +408,7 @@ def test_gsm8k_real_lines_parse_and_grade(monkeypatch):
 
 
 def test_humaneval_program_assembly():
-    from nanochat.tasks.humaneval import build_program, extract_imports, extract_program
+    from nanochat.tasks.humaneval import build_check, build_program, extract_imports, extract_program
 
     prompt = "from typing import List\nimport math\n\n\ndef f(x: List[int]) -> int:\n    \"\"\"doc\"\"\"\n"
     assert extract_imports(prompt) == "from typing import List\nimport math"
@@ -421,9 +421,10 @@ def test_humaneval_program_assembly():
     assert extract_program("  def f(): pass  \n") == "def f(): pass"
     conv = {"messages": [{"role": "user", "content": prompt}], "test": "def check(c):\n    assert c([1]) == 1",
             "entry_point": "f"}
-    program = build_program(conv, "```python\ndef f(x):\n    return 1\n```")
-    assert program == ("from typing import List\nimport math\n\ndef f(x):\n    return 1\n\n"
-                       "def check(c):\n    assert c([1]) == 1\ncheck(f)\n")
+    # the untrusted program holds no test; the trusted check holds the prompt (helpers) and the tests
+    assert build_program(conv, "```python\ndef f(x):\n    return 1\n```") == \
+        "from typing import List\nimport math\n\ndef f(x):\n    return 1\n"
+    assert build_check(conv) == prompt + "\n\ndef check(c):\n    assert c([1]) == 1\n"
 
 
 def _humaneval_task():
@@ -434,7 +435,8 @@ def _humaneval_task():
 
 @needs_humaneval
 def test_humaneval_canonical_solutions_pass_and_wrong_ones_fail():
-    """All 164 canonical solutions pass through evaluate (two at a time, ~20 s on 2 cores);
+    """All 164 canonical solutions pass through evaluate (two at a time; each check runs the
+    program in the sandbox and its tests in a second process: ~50 s on 2 busy cores);
     NANOCHAT_HUMANEVAL_SAMPLE=N checks only N of them."""
     task = _humaneval_task()
     assert len(task) == 164 and task.eval_type == "generative"

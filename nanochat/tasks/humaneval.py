@@ -1,8 +1,7 @@
-"""HumanEval: 164 Python functions to complete, graded by running their unit tests in the
-sandbox (SPEC §8.2, §10.4). Generative."""
+"""HumanEval: 164 Python functions to complete, graded by running their unit tests against the
+completion's function in the sandbox (execution.check_function). Generative."""
 
 import re
-import secrets
 
 from nanochat.common import logger
 from nanochat.tasks.common import Task
@@ -32,18 +31,21 @@ def extract_program(completion):
     return code.strip()
 
 
-def build_program(conversation, completion, done_marker=None):
-    """imports + completion code + the unit tests + `check(entry_point)` (SPEC §8.2), then, when
-    given, a line printing `done_marker`."""
+def build_program(conversation, completion):
+    """The untrusted program: the prompt's imports + the completion's code. The tests are not in
+    it: they run in a separate trusted process (HumanEval.evaluate)."""
     prompt = conversation["messages"][0]["content"]
-    program = (extract_imports(prompt) + "\n\n" + extract_program(completion) + "\n\n"
-               + conversation["test"] + "\n" + f"check({conversation['entry_point']})\n")
-    if done_marker is not None:
-        program += f"print({done_marker!r})\n"
-    return program
+    return extract_imports(prompt) + "\n\n" + extract_program(completion) + "\n"
+
+
+def build_check(conversation):
+    """The trusted side: the prompt (for helpers the tests use, like `poly`) + the unit tests,
+    which define check(candidate)."""
+    return conversation["messages"][0]["content"] + "\n\n" + conversation["test"] + "\n"
 
 
 class HumanEval(Task):
+    executes_code = True  # its grading runs model code: scripts check the sandbox before starting
 
     def __init__(self, data_dir=None, timeout=5.0, **kwargs):
         super().__init__(**kwargs)
@@ -72,17 +74,13 @@ class HumanEval(Task):
         }
 
     def evaluate(self, conversation, response):
-        """1 when the completion's program passes the problem's tests in the sandbox. A crash,
-        hang or memory blow-up of the program is just a failure."""
-        from nanochat.execution import execute_code
+        """1 when the completion's function passes the problem's tests. The tests run in a trusted
+        process that calls the function in the sandbox and sees only its return values as plain
+        data, so nothing the program prints, patches, exits with or kills can make it pass."""
+        from nanochat.execution import check_function
 
-        # A program that exits early with status 0 (sys.exit(0), os._exit(0)) never ran the tests:
-        # it passes only if the random marker printed after check() shows up in its output.
-        marker = f"humaneval-done-{secrets.token_hex(8)}"
-        program = build_program(conversation, response, done_marker=marker)
-        try:
-            result = execute_code(program, timeout=self.timeout)
-        except Exception as e:  # the sandbox itself failed (e.g. out of processes): count a failure, go on
-            logger.warning(f"HumanEval {conversation.get('task_id', '')}: the sandbox failed ({type(e).__name__}: {e})")
-            return 0
-        return int(bool(result.success) and marker in (result.stdout or ""))
+        result = check_function(build_program(conversation, response), conversation["entry_point"],
+                                build_check(conversation), timeout=self.timeout)
+        if (result.execution.error or "").startswith("sandbox failed to start"):
+            logger.warning(f"HumanEval {conversation.get('task_id', '')}: {result.execution.error}")
+        return int(result.passed)
