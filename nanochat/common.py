@@ -12,6 +12,7 @@ import sys
 import tempfile
 import time
 import urllib.parse
+import warnings
 
 import torch
 import torch.distributed as dist
@@ -144,8 +145,11 @@ def enable_tf32():
     Set through torch.set_float32_matmul_precision, the one TF32 API that every torch this project
     supports (2.9 to 2.13) accepts together with inductor: the per-backend `fp32_precision`
     settings make inductor on 2.9-2.12 stop with "mix of the legacy and new APIs" in some
-    lowerings, and make torch.get_float32_matmul_precision() raise on 2.13."""
-    torch.set_float32_matmul_precision("high")
+    lowerings, and make torch.get_float32_matmul_precision() raise on 2.13. (Some of those
+    versions warn that this API will be deprecated: that is the advice not to follow yet.)"""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="(?s).*(TF32|going to be deprecated)", category=UserWarning)
+        torch.set_float32_matmul_precision("high")
 
 
 def compute_init(device_type=""):
