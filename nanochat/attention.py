@@ -65,8 +65,9 @@ HAS_FA3 = _fa3 is not None
 if (not HAS_FA3 and COMPUTE_DTYPE == torch.bfloat16 and torch.cuda.is_available()
         and torch.cuda.get_device_capability()[0] == 9 and int(os.environ.get("RANK", 0)) == 0):
     logger.warning(f"FlashAttention-3 could not be loaded on this Hopper GPU ({FA3_ERROR}). Attention falls back "
-                   f"to FlexAttention/SDPA, which trains markedly slower. Fix: pip install 'kernels>=0.14' and let "
-                   f"it fetch {FA3_KERNEL} once (it is then cached; HF_HUB_OFFLINE=1 uses the cached copy).")
+                   f"to FlexAttention/SDPA, which trains markedly slower. FA3 needs the `kernels` package (pip "
+                   f"install 'kernels>=0.14'), the Hugging Face hub reachable once to fetch {FA3_KERNEL} (then "
+                   f"cached: HF_HUB_OFFLINE=1 uses the cache), and a build of it for this torch and CUDA version.")
 
 
 def _auto_backend():

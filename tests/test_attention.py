@@ -292,6 +292,27 @@ def test_flex_runs_inside_compiled_models_and_matches_reference():
     assert any("flex_attention" in str(node.target) for node in gm.graph.nodes)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="flex trains only on CUDA (no CPU backward)")
+@pytest.mark.parametrize("shared_memory", [None, 101376])  # this GPU's tiles; an RTX 4090's
+def test_compiled_flex_trains_like_sdpa_on_cuda(shared_memory, monkeypatch):
+    if shared_memory is not None:
+        monkeypatch.setattr(attention, "SHARED_MEMORY", shared_memory)
+    q, k, v = (t.cuda().bfloat16().requires_grad_() for t in qkv(B=2, T=512, H=4, Hkv=2, D=128))
+    g = torch.randn(2, 512, 4, 128, device="cuda", dtype=torch.bfloat16)
+    outs = {}
+    try:
+        for name in ("sdpa", "flex"):
+            attention.set_backend(name)
+            f = torch.compile(lambda q, k, v: flash_attn_func(q, k, v, window_size=(128, 0)), dynamic=False,
+                              fullgraph=True)
+            y = f(q, k, v)
+            outs[name] = (y, *torch.autograd.grad(y, (q, k, v), g))
+    finally:
+        attention.set_backend(None)
+    for a, b in zip(outs["flex"], outs["sdpa"]):
+        torch.testing.assert_close(a.float(), b.float(), atol=3e-2, rtol=3e-2)
+
+
 def _tiny_gpt(window_pattern="SL", seq_len=256):
     from nanochat.gpt import GPT, GPTConfig
 
