@@ -45,16 +45,17 @@ def _load_fa3():
         return None, "no CUDA device"
     major, minor = torch.cuda.get_device_capability()
     if major != 9:
-        return None, f"FA3 kernels are built for Hopper (compute capability 9.x), this GPU is {major}.{minor}"
+        return None, f"FA3 is used on Hopper GPUs (compute capability 9.x), this one is {major}.{minor}"
     try:
         from kernels import get_kernel
     except ImportError:
         return None, "the `kernels` package is not installed"
     try:
         kernel = get_kernel(FA3_KERNEL, version=FA3_VERSION)
+        fa3 = kernel if hasattr(kernel, "flash_attn_func") else kernel.flash_attn_interface
     except Exception as e:  # offline without a cached copy, no build for this torch/CUDA, ...
         return None, f"{type(e).__name__}: {e}"
-    return (kernel if hasattr(kernel, "flash_attn_func") else kernel.flash_attn_interface), None
+    return fa3, None
 
 
 _fa3, FA3_ERROR = _load_fa3()
