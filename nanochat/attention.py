@@ -126,6 +126,8 @@ def flex_kernel_options(head_dim, itemsize, shared_memory=None):
     """FlexAttention's kernel_options on this GPU (or one with `shared_memory` bytes per block):
     None when inductor's defaults fit, smaller tiles when only those fit, False when nothing does
     (windowed layers then run as masked SDPA)."""
+    if torch.version.hip:  # inductor's ROCm configs are sized for AMD's shared memory (LDS) already
+        return None
     smem = SHARED_MEMORY if shared_memory is None else shared_memory
     if _flex_tile_bytes(head_dim, itemsize, _FLEX_DEFAULT_TILE) <= smem:
         return None
