@@ -5,12 +5,14 @@ import contextlib
 import gc
 import logging
 import os
+import re
 import shutil
 import signal
 import sys
 import tempfile
 import time
 import urllib.parse
+import warnings
 
 import torch
 import torch.distributed as dist
@@ -149,6 +151,18 @@ def get_dist_info():
     return False, 0, 0, 1
 
 
+def enable_tf32():
+    """TF32 for fp32 matmuls on CUDA (all of an fp32 run's, the fp32 ones of a bf16 run).
+    Set through torch.set_float32_matmul_precision, the one TF32 API that every torch this project
+    supports (2.9 to 2.13) accepts together with inductor: the per-backend `fp32_precision`
+    settings make inductor on 2.9-2.12 stop with "mix of the legacy and new APIs" in some
+    lowerings, and make torch.get_float32_matmul_precision() raise on 2.13. (Some of those
+    versions warn that this API will be deprecated: that is the advice not to follow yet.)"""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="(?s).*(TF32|going to be deprecated)", category=UserWarning)
+        torch.set_float32_matmul_precision("high")
+
+
 def compute_init(device_type=""):
     """Seed, pick the device, and join the process group when under torchrun.
     nccl on CUDA, gloo on CPU (and MPS, which has no collective backend of its own).
@@ -164,8 +178,7 @@ def compute_init(device_type=""):
     torch.manual_seed(42)
     if device_type == "cuda":
         torch.cuda.manual_seed(42)
-        torch.backends.cuda.matmul.fp32_precision = "tf32"
-        torch.backends.cudnn.conv.fp32_precision = "tf32"
+        enable_tf32()
 
     ddp, rank, local_rank, world_size = get_dist_info()
     if ddp and device_type == "cuda":
@@ -205,41 +218,50 @@ class DummyWandb:
 # Peak rates for MFU / MBU
 
 
-# bf16 dense peak FLOP/s; substring match, so the more specific names come first.
-_PEAK_FLOPS = [
-    ("gb200", 2.5e15), ("grace blackwell", 2.5e15), ("b200", 2.25e15), ("b100", 1.8e15),
-    ("h200 nvl", 836e12), ("h200 pcie", 836e12), ("h200", 989e12),
-    ("h100 nvl", 835e12), ("h100 pcie", 756e12), ("h100", 989e12),
-    ("h800 nvl", 989e12), ("h800", 756e12),
-    ("a100", 312e12), ("a800", 312e12), ("a40", 149.7e12), ("a30", 165e12),
-    ("l40s", 362e12), ("l4", 121e12),
-    ("mi355", 2.5e15), ("mi325", 1.3074e15), ("mi300x", 1.3074e15), ("mi300a", 980.6e12),
-    ("mi250x", 383e12), ("mi250", 362.1e12),
-    ("rtx 5090", 209.5e12), ("4090", 165.2e12), ("3090", 71e12),
-]
+# bf16 dense peak FLOP/s by GPU model. A key is the words that must all appear in the device name
+# (lowercased, split at anything but letters and digits), so "a40" never matches "RTX A4000" nor
+# "l4" "L40S"; the longest matching key wins ("h100 pcie" over "h100").
+_PEAK_FLOPS = {
+    ("gb200",): 2.5e15, ("b200",): 2.25e15, ("b100",): 1.75e15,
+    ("h200",): 989e12, ("h200", "nvl"): 835e12, ("gh200",): 989e12,
+    ("h100",): 989e12, ("h100", "pcie"): 756e12, ("h100", "nvl"): 835e12,
+    ("h800",): 989e12, ("h800", "pcie"): 756e12, ("h20",): 148e12,
+    ("a100",): 312e12, ("a800",): 312e12, ("a40",): 149.7e12, ("a30",): 165e12, ("a10",): 125e12,
+    ("l40s",): 362e12, ("l40",): 181e12, ("l4",): 121e12,
+    ("a6000",): 154.8e12, ("6000", "ada"): 364.2e12,
+    ("5090",): 209.5e12, ("4090",): 165.2e12, ("3090",): 71e12, ("3090", "ti"): 80e12,
+    ("mi355x",): 2.5e15, ("mi325x",): 1.3074e15, ("mi300x",): 1.3074e15, ("mi300a",): 980.6e12,
+    ("mi250x",): 383e12, ("mi250",): 362.1e12,
+}
 
-# HBM bytes/s
-_PEAK_BANDWIDTH = [
-    ("b200", 8.0e12), ("h200", 4.8e12), ("h100 nvl", 3.9e12), ("h100 pcie", 2.0e12), ("h100", 3.35e12),
-    ("a100", 2.0e12), ("l40s", 0.864e12), ("l4", 0.3e12), ("mi300x", 5.3e12),
-    ("rtx 5090", 1.792e12), ("4090", 1.008e12), ("3090", 0.936e12),
-]
+# memory bytes/s, same keys
+_PEAK_BANDWIDTH = {
+    ("gb200",): 8.0e12, ("b200",): 8.0e12, ("b100",): 8.0e12,
+    ("h200",): 4.8e12, ("h100",): 3.35e12, ("h100", "pcie"): 2.0e12, ("h100", "nvl"): 3.9e12,
+    ("h800",): 3.35e12, ("h800", "pcie"): 2.0e12, ("h20",): 4.0e12,
+    ("a100",): 1.555e12, ("a100", "80gb"): 2.039e12, ("a100", "80gb", "pcie"): 1.935e12,
+    ("a40",): 696e9, ("a30",): 933e9, ("a10",): 600e9, ("l40s",): 864e9, ("l40",): 864e9, ("l4",): 300e9,
+    ("5090",): 1.792e12, ("4090",): 1.008e12, ("3090",): 936e9, ("3090", "ti"): 1.008e12,
+    ("mi355x",): 8.0e12, ("mi325x",): 6.0e12, ("mi300x",): 5.3e12,
+}
 
 
 def _lookup(table, device_name):
-    name = device_name.lower()
-    for key, value in table:
-        if key in name:
-            return value
-    return float("inf")
+    words = set(re.split(r"[^a-z0-9]+", device_name.lower()))
+    if words & {"laptop", "mobile"}:  # a desktop card's model name at a fraction of its rate
+        return float("inf")
+    keys = [key for key in table if words.issuperset(key)]
+    return table[max(keys, key=len)] if keys else float("inf")
 
 
 def get_peak_flops(device_name):
-    """bf16 dense peak of a known GPU; inf when unknown (MFU is then reported as n/a)."""
+    """bf16 dense peak of a known GPU, by torch.cuda.get_device_name(); inf when unknown (MFU is
+    then reported as n/a; --peak-flops gives it)."""
     return _lookup(_PEAK_FLOPS, device_name)
 
 
 def get_peak_bandwidth(device_name):
+    """Memory bandwidth of a known GPU in bytes/s; inf when unknown."""
     return _lookup(_PEAK_BANDWIDTH, device_name)
 
 
@@ -331,6 +353,15 @@ def download_file(source, dest, *, attempts=5, timeout=30, desc=None, progress=T
                             f"check the network or give a local copy.")
 
 
+def synchronize(device):
+    """Wait for the work queued on `device` (CUDA and MPS run asynchronously; timings need this)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
+
+
 def measure_matmul_flops(device, dtype=torch.float32, size=1024, seconds=0.3, trials=5):
     """Measured dense matmul rate (FLOP/s) of this device, the best of a few short trials: the
     honest MFU denominator on CPUs and unknown GPUs, where no datasheet peak applies."""
@@ -338,20 +369,16 @@ def measure_matmul_flops(device, dtype=torch.float32, size=1024, seconds=0.3, tr
     a = torch.randn(size, size, device=device, dtype=dtype)
     b = torch.randn(size, size, device=device, dtype=dtype)
 
-    def sync():
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-
     for _ in range(3):  # warm up
         a @ b
-    sync()
+    synchronize(device)
     best = 0.0
     for _ in range(trials):
         n, t0 = 0, time.perf_counter()
         while time.perf_counter() - t0 < seconds:
             a @ b
             n += 1
-        sync()
+        synchronize(device)
         best = max(best, 2 * size**3 * n / (time.perf_counter() - t0))
     return best
 

@@ -150,7 +150,7 @@ def train(args):
 
     # precision / kernels notes
     from nanochat import attention
-    print0(f"COMPUTE_DTYPE: {COMPUTE_DTYPE}; attention backend: {attention.BACKEND}")
+    print0(f"COMPUTE_DTYPE: {COMPUTE_DTYPE}; attention backend: {attention.BACKEND}: {attention.describe(args.head_dim)}")
     if "S" in args.window_pattern.upper() and attention.BACKEND == "sdpa":
         print0("warning: sliding windows run as a dense masked SDPA here, which is slow; "
                "consider --window-pattern=L on this device")
