@@ -142,7 +142,7 @@ def anchors(path):
     for line in _prose(path).splitlines():
         m = re.match(r"^#{1,6}\s+(.*?)\s*#*$", line)
         if m:
-            title = re.sub(r"[`*_]", "", m.group(1)).strip().lower()
+            title = m.group(1).strip().lower()
             out.add(re.sub(r"[^\w\- ]", "", title).replace(" ", "-"))
     return out
 
@@ -167,6 +167,6 @@ def test_relative_links_resolve(doc):
 
 def test_link_checker_sees_links(tmp_path):
     doc = tmp_path / "a.md"
-    doc.write_text("# Top `x`\n[ok](#top-x) [web](https://x.org) ![img](p.png)\n```\n[in code](nowhere.md)\n```\n")
-    assert relative_links(doc) == ["#top-x", "p.png"]
-    assert anchors(doc) == {"top-x"}
+    doc.write_text("# Top `x_y` (z)\n[ok](#top-x_y-z) [web](https://x.org) ![img](p.png)\n```\n[in code](nowhere.md)\n```\n")
+    assert relative_links(doc) == ["#top-x_y-z", "p.png"]
+    assert anchors(doc) == {"top-x_y-z"}
