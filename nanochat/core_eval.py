@@ -35,7 +35,6 @@ left (upstream crashes on them past the 10x rotary cache).
 """
 
 import csv
-import json
 import os
 import random
 import shutil
@@ -55,6 +54,7 @@ from nanochat.common import (
     download_file,
     get_base_dir,
     is_url,
+    iter_jsonl,
     logger,
     print0,
 )
@@ -236,24 +236,17 @@ _REQUIRED = {"multiple_choice": ("query", "choices", "gold"), "schema": ("contex
 def load_jsonl(path, task_type=None):
     """Rows of a jsonl file; a bad line is reported with its file and line number."""
     rows = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise NanochatError(f"{path} line {lineno} is not valid JSON ({e.msg}); fix or re-download the file.") from None
-            if task_type is not None:
-                lacking = [k for k in _REQUIRED[task_type] if k not in row] if isinstance(row, dict) else ["an object"]
-                if lacking:
-                    raise NanochatError(f"{path} line {lineno} lacks {', '.join(lacking)} for a {task_type} task.")
-                options = row.get("choices", row.get("context_options"))
-                if task_type != "language_modeling" and not (
-                        isinstance(options, list) and options and isinstance(row["gold"], int)
-                        and 0 <= row["gold"] < len(options)):
-                    raise NanochatError(f"{path} line {lineno}: gold must index its non-empty list of options.")
-            rows.append(row)
+    for lineno, row in iter_jsonl(path):
+        if task_type is not None:
+            lacking = [k for k in _REQUIRED[task_type] if k not in row] if isinstance(row, dict) else ["an object"]
+            if lacking:
+                raise NanochatError(f"{path}:{lineno}: lacks {', '.join(lacking)} for a {task_type} task.")
+            options = row.get("choices", row.get("context_options"))
+            if task_type != "language_modeling" and not (
+                    isinstance(options, list) and options and isinstance(row["gold"], int)
+                    and 0 <= row["gold"] < len(options)):
+                raise NanochatError(f"{path}:{lineno}: gold must index its non-empty list of options.")
+        rows.append(row)
     return rows
 
 

@@ -14,13 +14,21 @@ the current upstream data), `base_dir/base_data/` (legacy FineWeb-Edu, with an u
 
 import argparse
 import glob
-import json
 import math
 import os
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from fractions import Fraction
 
-from nanochat.common import NanochatError, atomic_path, download_file, get_base_dir, is_url, print0, run_main
+from nanochat.common import (
+    NanochatError,
+    atomic_path,
+    download_file,
+    get_base_dir,
+    is_url,
+    iter_jsonl,
+    print0,
+    run_main,
+)
 
 # -----------------------------------------------------------------------------
 # Where the data lives (SPEC §5.1)
@@ -232,20 +240,14 @@ def list_text_files(src_dir):
 
 def _file_texts(path):
     """The raw documents of one file: the whole file for .txt/.md, each line's `text` for .jsonl."""
-    with open(path, encoding="utf-8", errors="replace") as f:  # a stray bad byte becomes U+FFFD
-        if not path.lower().endswith(".jsonl"):
+    if not path.lower().endswith(".jsonl"):
+        with open(path, encoding="utf-8", errors="replace") as f:  # a stray bad byte becomes U+FFFD
             yield f.read()
-            return
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise NanochatError(f"{path}:{lineno} is not valid JSON ({e}); fix or remove that line.") from e
-            if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-                raise NanochatError(f"{path}:{lineno} has no string 'text' field; every .jsonl line needs one.")
-            yield record["text"]
+        return
+    for lineno, record in iter_jsonl(path):
+        if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+            raise NanochatError(f"{path}:{lineno}: no string 'text' field; every .jsonl line needs one.")
+        yield record["text"]
 
 
 def iter_text_documents(src_dir, doc_chars=DEFAULT_DOC_CHARS, files=None, progress=None):

@@ -205,10 +205,7 @@ def print_core_table(core):
 
 
 def log_report(data):
-    try:
-        from nanochat.report import get_report
-    except ImportError:
-        return
+    from nanochat.report import get_report
     get_report().log("Base model evaluation", data)
 
 

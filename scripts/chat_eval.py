@@ -61,10 +61,7 @@ def parse_args(argv=None):
 
 
 def log_report(source, data):
-    try:
-        from nanochat.report import get_report
-    except ImportError:
-        return
+    from nanochat.report import get_report
     get_report().log(f"Chat evaluation {source}", data)
 
 

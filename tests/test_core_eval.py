@@ -274,13 +274,13 @@ def test_bundle_from_zip_and_file_url(tmp_path):
 def test_malformed_jsonl_reports_file_and_line(tmp_path):
     path = tmp_path / "t.jsonl"
     path.write_text('{"query": "q", "choices": ["a"], "gold": 0}\n\n{"query": "q", "choices": [\n')
-    with pytest.raises(NanochatError, match=r"t\.jsonl line 3 is not valid JSON"):
+    with pytest.raises(NanochatError, match=r"t\.jsonl:3: not valid JSON"):
         ce.load_jsonl(str(path))
     path.write_text('{"query": "q", "choices": ["a"], "gold": 0}\n{"query": "q"}\n')
-    with pytest.raises(NanochatError, match=r"line 2 lacks choices, gold"):
+    with pytest.raises(NanochatError, match=r"t\.jsonl:2: lacks choices, gold"):
         ce.load_jsonl(str(path), "multiple_choice")
     path.write_text('{"context_options": ["a", "b"], "continuation": "c", "gold": 2}\n')
-    with pytest.raises(NanochatError, match=r"line 1: gold must index"):
+    with pytest.raises(NanochatError, match=r"t\.jsonl:1: gold must index"):
         ce.load_jsonl(str(path), "schema")
 
 

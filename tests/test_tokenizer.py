@@ -10,7 +10,14 @@ import tiktoken
 import torch
 
 from nanochat.common import NanochatError
-from nanochat.tokenizer import MIN_VOCAB_SIZE, SPECIAL_TOKENS, SPLIT_PATTERN, Tokenizer
+from nanochat.tokenizer import (
+    MIN_VOCAB_SIZE,
+    SPECIAL_TOKENS,
+    SPLIT_PATTERN,
+    ConversationError,
+    Tokenizer,
+    check_conversation,
+)
 
 SHARED_TEXT = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "text")
 
@@ -264,6 +271,22 @@ def test_bad_conversations(tok):
                                               {"role": "assistant", "content": [{"type": "image", "text": "x"}]}]})
     with pytest.raises(ValueError, match="followed by a user"):
         tok.render_conversation({"messages": [{"role": "system", "content": "a"}, {"role": "assistant", "content": "b"}]})
+
+
+def test_check_conversation():
+    ok = [{"role": "system", "content": "s"}, {"role": "user", "content": "u"},
+          {"role": "assistant", "content": [{"type": "python", "text": "1+1"}, {"type": "python_output", "text": "2"}]}]
+    check_conversation(ok, reply_needed=True)
+    check_conversation(ok[:2])  # a prompt needs no reply
+    with pytest.raises(ConversationError, match=r"^f\.jsonl:7: a conversation needs at least a user and an assistant"):
+        check_conversation(ok[:2], "f.jsonl:7", reply_needed=True)
+    with pytest.raises(ConversationError, match=r"^message 1 \(user\) must have string content\.$"):
+        check_conversation([ok[0], {"role": "user", "content": 5}])
+    with pytest.raises(ConversationError, match=r"^expected a JSON array of messages, found a dict\.$"):
+        check_conversation({"messages": ok})
+    with pytest.raises(ConversationError, match="must be an object with"):
+        check_conversation([{"role": "user"}])
+    assert issubclass(ConversationError, NanochatError) and issubclass(ConversationError, ValueError)
 
 
 def test_truncation(tok):

@@ -6,6 +6,8 @@ from typing import Any, Literal
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict
 
+from nanochat.tokenizer import ConversationError, check_conversation
+
 # Request limits (SPEC §11.2); violations are 400s with a message naming the limit.
 MAX_MESSAGES = 500
 MAX_MESSAGE_CHARS = 8000
@@ -268,6 +270,10 @@ def validate_messages(messages, allow_tool_parts=False):
                        param="messages")
     if out[-1]["role"] != "user":
         raise APIError(400, "The last message must be from the user.", param="messages")
+    try:
+        check_conversation(out)
+    except ConversationError as e:
+        raise APIError(400, f"The conversation is not in the chat format: {e}", param="messages") from None
     return out
 
 
@@ -278,10 +284,6 @@ def check_range(name, value, lo, hi):
 
 def build_prompt(tokenizer, messages):
     """[BOS] + the conversation + <|assistant_start|>, rendered by the tokenizer (system merged into
-    the first user message, SPEC §6.3) without render_conversation's 2048-token training crop."""
-    try:
-        ids, _ = tokenizer.render_conversation({"messages": messages}, max_tokens=10**9)
-    except (ValueError, AssertionError) as e:
-        raise APIError(400, f"Cannot render the conversation: {e}.", param="messages") from None
-    ids.append(tokenizer.encode_special("<|assistant_start|>"))
-    return ids
+    the first user message) without render_conversation's 2048-token training crop."""
+    ids, _ = tokenizer.render_conversation({"messages": messages}, max_tokens=10**9)
+    return ids + [tokenizer.encode_special("<|assistant_start|>")]

@@ -10,14 +10,13 @@ else the hub (cached), else TaskDataMissing.
 """
 
 import glob
-import gzip
 import json
 import os
 import time
 
 import numpy as np
 
-from nanochat.common import NanochatError, atomic_path, get_base_dir
+from nanochat.common import NanochatError, atomic_path, get_base_dir, iter_jsonl
 from nanochat.tasks.common import TaskDataMissing, get_task_data_dir
 
 DEFAULT_ENDPOINT = "https://huggingface.co"
@@ -70,23 +69,6 @@ class HubDataset:
 # Local files
 
 
-def read_jsonl(path):
-    """List of the JSON values on each non-blank line of a .jsonl or .jsonl.gz file; a line that
-    is not JSON raises NanochatError naming the file and line number."""
-    opener = gzip.open if path.endswith(".gz") else open
-    values = []
-    with opener(path, "rt", encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                values.append(json.loads(line))
-            except json.JSONDecodeError as e:
-                raise NanochatError(f"{path}:{lineno}: not valid JSON ({e.msg} at column {e.colno}); "
-                                    f"fix or remove that line.") from None
-    return values
-
-
 def read_parquet(paths):
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -112,10 +94,11 @@ def read_rows_file(path):
         return HubDataset(table=read_parquet(shards), source=path)
     if path.endswith(".parquet"):
         return HubDataset(table=read_parquet([path]), source=path)
-    rows = read_jsonl(path)
-    for lineno, row in enumerate(rows, 1):
+    rows = []
+    for lineno, row in iter_jsonl(path):
         if not isinstance(row, dict):
-            raise NanochatError(f"{path}: row {lineno} is a JSON {type(row).__name__}, expected an object.")
+            raise NanochatError(f"{path}:{lineno}: a JSON {type(row).__name__}, expected an object.")
+        rows.append(row)
     return HubDataset(rows=rows, source=path)
 
 
