@@ -1,11 +1,11 @@
-"""The BPE tokenizer (SPEC §6): training, encoding/decoding, the special tokens, chat
-rendering with loss masks, and interoperability (upstream's pickle, Hugging Face's
-tokenizer.json).
+"""The BPE tokenizer: training, encoding/decoding, the special tokens, the chat format (its
+check and its rendering with loss masks), and interoperability (the pickle every nanochat
+checkout reads, Hugging Face's tokenizer.json).
 
 Training uses rustbpe and encoding uses tiktoken: bench/tokenizer.py measures the
 alternatives (HF `tokenizers` for training) on the same text. The trained merges become a
-tiktoken Encoding; we save it as upstream does, a pickle at base_dir/tokenizer/tokenizer.pkl
-beside token_bytes.pt, so the two projects can read each other's tokenizers.
+tiktoken Encoding, pickled to base_dir/tokenizer/tokenizer.pkl beside token_bytes.pt: the
+layout other nanochat checkouts read and write, so a tokenizer trained by one works in the other.
 """
 
 import io
@@ -20,7 +20,7 @@ import tiktoken
 from nanochat.common import NanochatError, atomic_path, get_base_dir
 
 # GPT-4's (cl100k) split pattern with one change: numbers split in runs of 1-2 digits, not
-# 1-3 (SPEC §6.1; better for small vocabularies). Training and encoding both use this constant.
+# 1-3 (3-digit chunks would spend ~1000 slots of a small vocabulary on numbers). Training and encoding both use this constant.
 SPLIT_PATTERN = (
     r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,2}| ?[^\s\p{L}\p{N}]++[\r\n]*|\s*[\r\n]|\s+(?!\S)|\s+"""
 )
@@ -69,16 +69,16 @@ def check_conversation(messages, where=None, reply_needed=False):
                 f"message {i} has role {m['role']!r} but {expected!r} was expected; roles must alternate user, "
                 f"assistant, user, ... after an optional system message.")
         content = m["content"]
-        if expected != "assistant" and not isinstance(content, str):
+        if isinstance(content, str):
+            continue
+        if expected != "assistant":
             bad(f"message {i} ({expected}) must have string content.")
-        if expected == "assistant" and not isinstance(content, str):
-            if not isinstance(content, list) or not all(isinstance(p, dict) and isinstance(p.get("text"), str)
-                                                        for p in content):
-                bad(f"message {i} (assistant) must be a string or a list of {{\"type\", \"text\"}} parts.")
-            unknown = [p.get("type") for p in content if p.get("type") not in PART_TYPES]
-            if unknown:
-                bad(f"message {i} has an unknown assistant content part type {unknown[0]!r}; "
-                    f"the types are {', '.join(PART_TYPES)}.")
+        if not isinstance(content, list) or not all(isinstance(p, dict) and isinstance(p.get("text"), str) for p in content):
+            bad(f"message {i} (assistant) must be a string or a list of {{\"type\", \"text\"}} parts.")
+        unknown = [p.get("type") for p in content if p.get("type") not in PART_TYPES]
+        if unknown:
+            bad(f"message {i} has an unknown assistant content part type {unknown[0]!r}; "
+                f"the types are {', '.join(PART_TYPES)}.")
 
 
 class _EncodingUnpickler(pickle.Unpickler):
@@ -92,7 +92,7 @@ class _EncodingUnpickler(pickle.Unpickler):
 
 
 class Tokenizer:
-    """Byte-level BPE over tiktoken. Interface as upstream's RustBPETokenizer (SPEC §6.2)."""
+    """Byte-level BPE over tiktoken, with the method names that nanochat code calls everywhere."""
 
     def __init__(self, enc, bos_token="<|bos|>"):
         self.enc = enc
@@ -124,7 +124,7 @@ class Tokenizer:
 
     @classmethod
     def from_directory(cls, tokenizer_dir):
-        """Load tokenizer.pkl (ours or upstream nanochat's: a pickled tiktoken Encoding)."""
+        """Load tokenizer.pkl (a pickled tiktoken Encoding, as every nanochat checkout writes it)."""
         path = os.path.join(tokenizer_dir, "tokenizer.pkl")
         if not os.path.exists(path):
             raise NanochatError(f"no tokenizer at {path}; train one with `python -m scripts.tok_train` "
@@ -179,8 +179,9 @@ class Tokenizer:
         return self.enc.decode_single_token_bytes(token_id)
 
     def token_bytes(self):
-        """int32 tensor (vocab,): UTF-8 byte length of every token from its raw bytes (head's
-        fix, SPEC §6.4), 0 for special tokens so bits-per-byte ignores them."""
+        """int32 tensor (vocab,): UTF-8 byte length of every token from its raw bytes (decoding a
+        lone byte of a multi-byte character would count U+FFFD's 3), 0 for special tokens so
+        bits-per-byte ignores them."""
         import torch
 
         special = set(self.enc._special_tokens.values())
@@ -320,7 +321,7 @@ class Tokenizer:
         return cls(tiktoken.Encoding(name="nanochat", pat_str=pattern, mergeable_ranks=ranks, special_tokens=special))
 
 
-RustBPETokenizer = Tokenizer  # upstream's name, for people's scripts
+RustBPETokenizer = Tokenizer  # the name scripts written for other nanochat checkouts import
 
 
 class _CountingIterator:

@@ -1,4 +1,4 @@
-"""Talk to a model in the terminal (SPEC §11.1).
+"""Talk to a model in the terminal.
 
     python -m scripts.chat_cli                       # the latest SFT model, interactive
     python -m scripts.chat_cli -i base -p "hello"    # one question, one streamed answer, exit

@@ -1,4 +1,4 @@
-"""Evaluate a chat model (SPEC §7.4): ARC-Easy, ARC-Challenge, MMLU, GSM8K, HumanEval,
+"""Evaluate a chat model (docs/evaluation.md): ARC-Easy, ARC-Challenge, MMLU, GSM8K, HumanEval,
 SpellingBee, and ChatCORE over them.
 
     python -m scripts.chat_eval -i sft                              # all six tasks

@@ -1,4 +1,4 @@
-"""CORE evaluation (SPEC §7.2): prompt rendering, token spans, centering, the bundle reader,
+"""CORE evaluation: prompt rendering, token spans, centering, the bundle reader,
 stub models with known answers, packed-vs-unpacked equality and left cropping on a tiny GPT,
 and an integration run on the real eval bundle when ../shared/data is present."""
 
@@ -161,7 +161,7 @@ def test_common_prefix_and_suffix():
 
 def test_spans_on_hand_made_examples():
     tok = CharTokenizer()
-    # MC: choices share the leading "c", so the span starts after it (SPEC §18.23)
+    # MC: choices share the leading "c", so the span starts after it (only where choices differ is scored)
     rows = tok.encode(ce.render_prompts_mc({"query": "Q", "choices": ["cat", "cow"], "gold": 0}, " "), prepend=0)
     starts, ends = ce.spans_mc(rows)
     assert rows[0][:starts[0]] == [0] + tok.encode("Q c") and ends == [6, 6]

@@ -1,4 +1,4 @@
-"""The task library (SPEC §8): views and mixtures, the multiple-choice prompt, local and hub
+"""The task library: views and mixtures, the multiple-choice prompt, local and hub
 data loading (against a local HTTP server, never the network), and every task's conversions
 and grading, on real GSM8K / HumanEval data when ../shared/data has it."""
 

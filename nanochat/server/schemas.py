@@ -8,7 +8,7 @@ from pydantic import BaseModel, ConfigDict
 
 from nanochat.tokenizer import ConversationError, check_conversation
 
-# Request limits (SPEC §11.2); violations are 400s with a message naming the limit.
+# Request limits (docs/security.md#the-server); violations are 400s with a message naming the limit.
 MAX_MESSAGES = 500
 MAX_MESSAGE_CHARS = 8000
 MAX_TOTAL_CHARS = 32000
@@ -65,7 +65,7 @@ class Message(BaseModel):
 
 
 class ChatRequest(BaseModel):
-    """POST /chat/completions (upstream's web UI protocol)."""
+    """POST /chat/completions (the protocol of the bundled web page, nanochat/ui)."""
     model_config = ConfigDict(**STRICT, extra="ignore")
     messages: list[Message]
     temperature: float | None = None
@@ -244,7 +244,8 @@ def _content_text(message, index, allow_parts):
 
 
 def validate_messages(messages, allow_tool_parts=False):
-    """Check SPEC §11.2's limits; -> messages as plain dicts (system merged later by the tokenizer)."""
+    """Check the request limits and the chat format; -> messages as plain dicts (system merged
+    later by the tokenizer)."""
     if not messages:
         raise APIError(400, "At least one message is required.", param="messages")
     if len(messages) > MAX_MESSAGES:

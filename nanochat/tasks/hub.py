@@ -1,4 +1,4 @@
-"""Task data without the `datasets` library (SPEC §8.3): local jsonl/parquet files, and the
+"""Task data without the `datasets` library: local jsonl/parquet files, and the
 Hugging Face parquet export downloaded once into base_dir/task_data.
 
     rows = load_hub_dataset("openai/gsm8k", "main", "test")     # HubDataset, lazy rows
@@ -55,7 +55,8 @@ class HubDataset:
 
     def shuffle(self, seed):
         """A shuffled view: row i is original row default_rng(seed).permutation(n)[i], the
-        order `datasets.Dataset.shuffle(seed=seed)` gives (SPEC §8.3)."""
+        order `datasets.Dataset.shuffle(seed=seed)` gives, so a task's examples (and scores on a
+        subset) are the same with or without that library."""
         perm = np.random.default_rng(seed).permutation(len(self))
         order = perm if self.order is None else np.asarray(self.order)[perm]
         return HubDataset(self.table, self.rows, order, self.source)

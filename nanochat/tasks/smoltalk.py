@@ -1,4 +1,4 @@
-"""SmolTalk (HuggingFaceTB/smol-smoltalk): general chat conversations for SFT (SPEC §8.2).
+"""SmolTalk (HuggingFaceTB/smol-smoltalk): general chat conversations for SFT.
 No evaluation; conversations are used as they are."""
 
 from nanochat.tasks.common import Task
