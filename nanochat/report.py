@@ -36,7 +36,7 @@ import sys
 
 from markdown_it import MarkdownIt
 
-from nanochat.common import NanochatError, atomic_path, get_base_dir, get_dist_info, run_main
+from nanochat.common import NanochatError, atomic_path, get_base_dir, get_dist_info, iter_jsonl, run_main
 
 TIME_FORMAT = "%Y-%m-%d %H:%M:%S"
 
@@ -272,19 +272,7 @@ def _lookup_field(value, field):
 
 def read_train_log(path):
     """Records of a train_log.jsonl; a torn last line (crash mid-write) is skipped."""
-    records = []
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            line = line.strip()
-            if not line:
-                continue
-            try:
-                rec = json.loads(line)
-            except ValueError:
-                continue
-            if isinstance(rec, dict):
-                records.append(rec)
-    return records
+    return [rec for _, rec in iter_jsonl(path, skip_bad=True) if isinstance(rec, dict)]
 
 
 # -----------------------------------------------------------------------------

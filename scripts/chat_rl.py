@@ -385,12 +385,8 @@ def train(args, train_task=None, val_task=None):
                "steps": step, "training_time_s": total_training_time, "first_reward": first_reward,
                "last_reward": last_reward, "pass_at_k": pass_at_k, "checkpoint_dir": checkpoint_dir}
     if master:
-        try:
-            from nanochat.report import get_report
-        except ImportError:
-            get_report = None
-        if get_report is not None:
-            get_report().log(section="Chat RL", data=[user_config, summary])
+        from nanochat.report import get_report
+        get_report().log(section="Chat RL", data=[user_config, summary])
     print0(json.dumps({"chat_rl": summary}))
     wandb_run.finish()
     compute_cleanup()

@@ -1,4 +1,4 @@
-"""Serve the chat page and the OpenAI-compatible API (SPEC §11.2).
+"""Serve the chat page and the OpenAI-compatible API (docs/serving.md).
 
     python -m scripts.chat_web                       # http://127.0.0.1:8000, sft model, one worker
     python -m scripts.chat_web -n 8 --host 0.0.0.0 --api-key "$KEY" --max-batch 16

@@ -116,7 +116,7 @@ def test_unknown_route_is_json_404(tok):
 
 
 # -----------------------------------------------------------------------------
-# /chat/completions (upstream's SSE protocol)
+# /chat/completions (the web page's SSE protocol)
 
 
 def test_chat_completions_sse_framing(tok):
@@ -187,7 +187,7 @@ def test_tool_call_parts(tok):
 
 
 # -----------------------------------------------------------------------------
-# Validation: 400 for SPEC §11.2's limits, 422 for malformed bodies, always OpenAI-style JSON
+# Validation: 400 for the request limits and the chat format, 422 for malformed bodies, always OpenAI-style JSON
 
 BAD_BODIES = [
     ({"messages": []}, 400, "messages"),
