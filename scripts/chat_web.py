@@ -28,8 +28,9 @@ def parse_args(argv=None):
     p.add_argument("-p", "--port", type=int, default=8000)
     p.add_argument("--host", default="127.0.0.1", help="bind address; 0.0.0.0 exposes the server to the network")
     p.add_argument("--device-type", default="", choices=["", "cuda", "cpu", "mps"], help="default: autodetect")
-    p.add_argument("--max-batch", type=int, default=8,
-                   help="rows decoded together when requests arrive together (needs Engine.generate_multi)")
+    p.add_argument("--max-batch", type=int, default=8, help="rows decoded together (1 = one request at a time)")
+    p.add_argument("--batching", choices=["step", "admission"], default="step",
+                   help="step: a request joins the running batch at its next step; admission: only a starting batch")
     p.add_argument("--max-queue", type=int, default=64, help="waiting requests before answering 429")
     p.add_argument("--request-timeout", type=float, default=300.0, help="seconds per request, queue included (0 = none)")
     p.add_argument("--api-key", default=os.environ.get("NANOCHAT_API_KEY") or None,
@@ -103,7 +104,8 @@ def main(argv=None):
                                                            model_tag, args.step)
     app = create_app(engines, tokenizer, model_name=model_name, devices=devices, temperature=args.temperature,
                      top_k=args.top_k, max_tokens=args.max_tokens, max_batch=args.max_batch,
-                     max_queue=args.max_queue, request_timeout=args.request_timeout or None, api_key=args.api_key,
+                     batching=args.batching, max_queue=args.max_queue, request_timeout=args.request_timeout or None,
+                     api_key=args.api_key,
                      cors_origins=args.cors_origin, log_conversations=args.log_conversations,
                      allowed_hosts=allowed_hosts(args.host, args.allowed_host), max_body_bytes=args.max_body_bytes,
                      body_timeout=args.body_timeout)

@@ -1,9 +1,11 @@
 """Test doubles for the server tests: a tiny real tokenizer and scripted engines with the
-Engine interface (generate / generate_multi), so replies are exact and timing is controllable."""
+Engine interface (generate / generate_multi, or session / warmup), so replies are exact and
+timing is controllable."""
 
 import re
 import threading
 import time
+from collections import OrderedDict
 
 from helpers import synthetic_texts
 
@@ -104,3 +106,98 @@ class FakeMultiEngine(FakeEngine):
                 break
             self._step()
             yield [row[step] if step < len(row) else None for row in rows], [1] * len(rows)
+
+
+class FakeSession:
+    """The Engine's decode session over scripted replies: add() rows, step() them one token each
+    (rows added since the last step first), cancel() a row. Row r of an add() replies
+    engine.reply(tokens, r, call) then <|assistant_end|>, cut at max_tokens."""
+
+    def __init__(self, engine, max_rows):
+        self.engine = engine
+        self.max_rows = max_rows
+        self.rows = OrderedDict()  # row id -> dict(prompt, reply, pos, max_tokens, keep)
+        self.closed = False
+
+    @property
+    def active(self):
+        return len(self.rows)
+
+    def add(self, tokens, n=1, max_tokens=None, temperature=1.0, top_k=None, top_p=1.0, seed=None, keep=False):
+        engine = self.engine
+        call = len(engine.calls)
+        engine.calls.append({"tokens": list(tokens), "num_samples": n, "max_tokens": max_tokens,
+                             "temperature": temperature, "top_k": top_k, "top_p": top_p, "seed": seed, "keep": keep,
+                             "reused": engine.stored_prefix(tokens)})
+        ids = []
+        for r in range(n):
+            row_id = engine.next_row
+            engine.next_row += 1
+            reply = list(engine.reply(tokens, r, call)) + [engine.end]
+            self.rows[row_id] = {"prompt": list(tokens), "reply": reply, "pos": 0, "keep": keep,
+                                 "max_tokens": max_tokens if max_tokens is not None else 10**6}
+            ids.append(row_id)
+        return ids
+
+    def step(self):
+        engine = self.engine
+        engine._step()
+        engine.step_rows.append(list(self.rows))
+        events = []
+        for row_id, row in list(self.rows.items()):
+            token = row["reply"][row["pos"]]
+            row["pos"] += 1
+            finished = token == engine.end or row["pos"] >= row["max_tokens"]
+            events.append((row_id, token, 1, finished))
+            if finished:
+                if row["keep"]:  # the KV cache covers the prompt and every generated token fed back
+                    engine.keep(row["prompt"] + row["reply"][:row["pos"] - 1])
+                del self.rows[row_id]
+        return events
+
+    def cancel(self, row_id):
+        if self.rows.pop(row_id, None) is not None:
+            self.engine.cancelled.append(row_id)
+
+    def close(self):
+        self.closed = True
+        self.rows.clear()
+
+
+class FakeSessionEngine(FakeEngine):
+    """Has session() and warmup() like the real Engine. Records every step's row ids
+    (step_rows), cancelled rows, and for each add() how many leading prompt tokens its bounded
+    LRU prefix store held (calls[i]["reused"]). warm_gate: warmup() waits on it."""
+
+    def __init__(self, *args, warm_gate=None, store_size=4, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.step_rows = []
+        self.cancelled = []
+        self.next_row = 0
+        self.store = OrderedDict()
+        self.store_size = store_size
+        self.warm_gate = warm_gate
+        self.warmed = threading.Event()
+        self.sessions = []
+
+    def warmup(self):
+        if self.warm_gate is not None:
+            self.warm_gate.wait(30)
+        self.warmed.set()
+
+    def session(self, max_rows=None):
+        self.sessions.append(FakeSession(self, max_rows))
+        return self.sessions[-1]
+
+    def keep(self, tokens):
+        self.store[tuple(tokens)] = True
+        self.store.move_to_end(tuple(tokens))
+        while len(self.store) > self.store_size:
+            self.store.popitem(last=False)
+
+    def stored_prefix(self, tokens):
+        best = 0
+        for key in self.store:
+            if len(key) <= len(tokens) and tuple(tokens[:len(key)]) == key:
+                best = max(best, len(key))
+        return best

@@ -2,13 +2,23 @@
 bounded FIFO queue of Jobs.
 
 Requests wait in one bounded FIFO queue shared by the workers (full -> QueueFull, answered 429 +
-Retry-After). A worker runs the engine's generator off the event loop and hands text to the
-request's asyncio.Queue through loop.call_soon_threadsafe. Every generated token it checks the
-request's cancel flag, which is set when the client disconnects or the request outlives
---request-timeout, so a dropped client frees its worker at once. When the engine has
-`generate_multi` (batched decode of different prompts) and max_batch > 1, a worker that becomes free
-takes up to max_batch waiting rows with the same sampling settings and decodes them together
-(dynamic batching); otherwise it serves one request at a time.
+Retry-After). A worker runs the engine off the event loop and hands text to the request's
+asyncio.Queue through loop.call_soon_threadsafe. A request's cancel flag is set when the client
+disconnects or the request outlives --request-timeout; the worker checks it every step, so a
+dropped client frees its rows at once.
+
+How a worker batches depends on what its engine offers and on `batching`:
+  - "step" (engines with session()): continuous batching. The worker keeps one decode session
+    open; at every step it admits waiting requests while rows are free (their prompts are
+    prefilled inside that step), and rows leave as they finish, stop or are cancelled. A
+    request never waits for the current batch to drain. Each row samples from its own seed, so
+    a seeded request gives the same text whoever it shares the batch with. Single-reply requests
+    keep their final KV cache in the engine's prefix store, so the next turn of the same chat
+    prefills only what is new.
+  - "admission" (engines with generate_multi()): a free worker takes up to max_batch waiting rows
+    with the same sampling settings and decodes them together until all are done; requests that
+    arrive meanwhile wait for the next batch.
+  - otherwise (or max_batch 1 without sessions) one request at a time through generate().
 """
 
 import asyncio
@@ -76,30 +86,39 @@ class Job:
         return (self.temperature, self.top_k, self.top_p)
 
 
+BATCHING_MODES = ("step", "admission")
+
+
 class Worker:
-    def __init__(self, worker_id, engine, device):
+    def __init__(self, worker_id, engine, device, batching):
         self.id = worker_id
         self.engine = engine
         self.device = str(device)
         self.busy = False
+        self.ready = threading.Event()  # set once the engine is warmed up
         self.requests_served = 0
         self.tokens_generated = 0
         self.batches = 0
         self.max_rows_seen = 0
-        params = inspect.signature(engine.generate).parameters
-        self.has_top_p = "top_p" in params
+        self.rows = 0  # rows decoding now (step mode)
         self.multi = getattr(engine, "generate_multi", None)
         self.multi_params = inspect.signature(self.multi).parameters if self.multi else {}
+        self.stepped = hasattr(engine, "session")  # decodes through engine.session() (see _run_steps)
+        self.continuous = self.stepped and batching == "step"  # admits requests into a running batch
+        generate = getattr(engine, "generate", None)
+        self.has_top_p = self.stepped or (generate is not None and "top_p" in inspect.signature(generate).parameters)
 
 
 class WorkerPool:
     """Worker threads over one FIFO queue of Jobs."""
 
-    def __init__(self, engines, tokenizer, devices=None, max_batch=1, max_queue=64):
+    def __init__(self, engines, tokenizer, devices=None, max_batch=1, max_queue=64, batching="step"):
         if not engines:
             raise ValueError("the worker pool needs at least one engine")
+        if batching not in BATCHING_MODES:
+            raise ValueError(f"batching must be one of {', '.join(BATCHING_MODES)}, not {batching!r}")
         devices = devices or ["cpu"] * len(engines)
-        self.workers = [Worker(i, e, d) for i, (e, d) in enumerate(zip(engines, devices))]
+        self.workers = [Worker(i, e, d, batching) for i, (e, d) in enumerate(zip(engines, devices))]
         self.tokenizer = tokenizer
         self.specials = {tokenizer.encode_special(s): s for s in tokenizer.get_special_tokens()}
         self.max_batch = max(1, max_batch)
@@ -124,7 +143,21 @@ class WorkerPool:
 
     @property
     def batching(self):
-        return self.max_batch > 1 and all(w.multi for w in self.workers)
+        return self.batching_mode != "off"
+
+    @property
+    def batching_mode(self):
+        """"step", "admission" or "off": how the workers group requests (see the module docstring)."""
+        if self.max_batch > 1 and all(w.continuous for w in self.workers):
+            return "step"
+        if self.max_batch > 1 and all(w.multi or w.stepped for w in self.workers):
+            return "admission"
+        return "off"
+
+    @property
+    def ready(self):
+        """Every worker is alive and has warmed its engine up."""
+        return not self.closed and all(t.is_alive() and w.ready.is_set() for t, w in zip(self.threads, self.workers))
 
     # --- the request side (event loop) ---------------------------------------------------
 
@@ -174,6 +207,7 @@ class WorkerPool:
             "max_queue": self.max_queue,
             "max_batch": self.max_batch,
             "batching": self.batching,
+            "batching_mode": self.batching_mode,
             "requests_total": self.requests_total,
             "requests_completed": self.requests_completed,
             "requests_rejected": self.requests_rejected,
@@ -212,7 +246,20 @@ class WorkerPool:
             self.running.update(jobs)
             return jobs
 
+    def _warm(self, worker):
+        """Warm the engine up (allocations, compiled kernels) before the worker says it is ready."""
+        warmup = getattr(worker.engine, "warmup", None)
+        try:
+            if warmup is not None:
+                warmup()
+        except Exception:  # a failed warm-up costs the first request time, not the server
+            logger.exception(f"warming up worker {worker.id} failed; serving without it")
+        worker.ready.set()
+
     def _run(self, worker):
+        self._warm(worker)
+        if worker.stepped:
+            return self._run_steps(worker)
         while True:
             jobs = self._take(worker)
             if jobs is None:
@@ -340,3 +387,125 @@ class WorkerPool:
             gen.close()
         for job_id, job in live.items():
             self._end(worker, job, rows[job_id])
+
+    # --- step-level batching (engines with session()) ------------------------------------------
+
+    def _admit(self, worker, rows_used):
+        """Block while the worker has no rows and nothing waits; -> the jobs to start now (FIFO,
+        as many as fit in the free rows), or None when the pool closes. A job of more rows than
+        max_batch still starts when the worker has nothing else to do. In admission mode jobs
+        only join a batch that is starting."""
+        with self.cond:
+            while True:
+                self._drop_cancelled()
+                if self.closed or (self.waiting and (rows_used == 0 or worker.continuous)):
+                    break
+                if rows_used:
+                    return []
+                worker.busy = False
+                self.cond.wait()
+            if self.closed:
+                return None
+            jobs = []
+            while self.waiting and (rows_used == 0 or rows_used + self.waiting[0].n <= self.max_batch):
+                job = self.waiting.popleft()
+                jobs.append(job)
+                rows_used += job.n
+            worker.busy = True
+            self.running.update(jobs)
+            return jobs
+
+    def _run_steps(self, worker):
+        """One decode session; each step admits waiting jobs into free rows, decodes every row one
+        token, and retires rows that finished, stopped on a stop string, or whose request ended."""
+        session = None
+        live = {}  # job id -> (job, [RowDecoder], [row id])
+        owner = {}  # row id -> (job, index of the row in its job)
+        try:
+            while True:
+                jobs = self._admit(worker, worker.rows)
+                if jobs is None:
+                    return
+                if session is None:
+                    session = worker.engine.session(max_rows=self.max_batch)
+                if jobs:
+                    worker.batches += not live
+                for job in jobs:
+                    self._start(worker, session, job, live, owner)
+                for job, _rows, row_ids in list(live.values()):
+                    if self._expired(job):  # client gone or timed out: free its rows at this step
+                        for row_id in row_ids:
+                            if row_id in owner:
+                                session.cancel(row_id)
+                        self._retire(worker, job, live, owner, ended=False)
+                if not owner:
+                    continue
+                worker.rows = len(owner)
+                worker.max_rows_seen = max(worker.max_rows_seen, len(owner))
+                try:
+                    events = session.step()
+                except Exception:
+                    logger.exception(f"generation failed for {' '.join(live)}")
+                    for job, _rows, _ids in list(live.values()):
+                        job.push("error", f"Generation failed (request id {job.id}); the details are in the server log.")
+                        self._retire(worker, job, live, owner, ended=False)
+                    session.close()
+                    session = None
+                    continue
+                for row_id, token, _mask, finished in events:
+                    if row_id not in owner:
+                        continue
+                    job, i = owner[row_id]
+                    rows = live[job.id][1]
+                    self._deliver(worker, job, rows, i, token)
+                    if finished or rows[i].done:  # done early: a stop string, or the request ended
+                        if not finished:
+                            session.cancel(row_id)
+                        del owner[row_id]
+                        if all(row_id not in owner for row_id in live[job.id][2]):
+                            self._retire(worker, job, live, owner, ended=True)
+                worker.rows = len(owner)
+        finally:
+            for job, _rows, _ids in list(live.values()):
+                self._retire(worker, job, live, owner, ended=False)
+            worker.rows = 0
+            worker.busy = False
+            if session is not None:
+                session.close()
+
+    def _start(self, worker, session, job, live, owner):
+        """Add a job's rows to the session (prefilled at the next step); a single reply keeps its
+        final KV cache so the chat's next turn reuses it."""
+        if self._expired(job):
+            self._retire(worker, job, live, owner, ended=False)
+            return
+        job.worker_id = worker.id
+        job.started = time.monotonic()
+        try:
+            row_ids = session.add(job.prompt, n=job.n, max_tokens=job.max_tokens, temperature=job.temperature,
+                                  top_k=job.top_k or None, top_p=job.top_p, seed=job.seed, keep=job.n == 1)
+        except Exception:
+            logger.exception(f"could not start {job.id}")
+            job.push("error", f"Generation failed (request id {job.id}); the details are in the server log.")
+            self._retire(worker, job, live, owner, ended=False)
+            return
+        job.push("start", worker.id)
+        live[job.id] = (job, self._rows(job), list(row_ids))
+        for i, row_id in enumerate(row_ids):
+            owner[row_id] = (job, i)
+
+    def _retire(self, worker, job, live, owner, ended):
+        """The job leaves the batch: with ended, its last text and usage are sent."""
+        entry = live.pop(job.id, None)
+        if entry is not None:
+            for row_id in entry[2]:
+                owner.pop(row_id, None)
+            if ended:
+                self._end(worker, job, entry[1])
+        worker.requests_served += 1
+        with self.cond:
+            self.running.discard(job)
+            self.requests_completed += 1
+            if job.started is not None:
+                took = time.monotonic() - job.started
+                self.service_time_ewma = took if self.service_time_ewma is None else 0.8 * self.service_time_ewma + 0.2 * took
