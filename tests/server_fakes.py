@@ -22,6 +22,20 @@ def tiny_tokenizer():
     return _TOKENIZER
 
 
+def tiny_gpt(tok):
+    """A random-init one-layer GPT for the real Engine."""
+    import torch
+
+    from nanochat.gpt import GPT, GPTConfig
+
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(sequence_len=128, vocab_size=tok.get_vocab_size(), n_layer=1, n_head=1, n_kv_head=1,
+                          n_embd=64, window_pattern="L"))
+    model.init_weights()
+    model.eval()
+    return model
+
+
 def byte_tokens(tokenizer, text):
     """One token per UTF-8 byte: multi-byte characters arrive split across tokens."""
     return [tokenizer.enc.encode_single_token(bytes([b])) for b in text.encode("utf-8")]
@@ -38,7 +52,8 @@ class FakeEngine:
 
     reply(prompt, row, call) -> list of token ids (default: encode "You said: <last user text>",
     plus " #<row>" for rows after the first and, with takes=True, " (take <call>)" after the first call).
-    delay: seconds per step; gate: a threading.Event every step waits on (to hold a worker busy)."""
+    delay: seconds per step; gate: a threading.Event every step waits on (to hold a worker busy), or
+    a threading.Semaphore each step takes one permit of (to let the test pace the steps)."""
 
     def __init__(self, tokenizer, reply=None, delay=0.0, gate=None, takes=False):
         self.tokenizer = tokenizer
@@ -48,6 +63,7 @@ class FakeEngine:
         self.gate = gate
         self.calls = []
         self.steps = 0
+        self.entered = 0
         self.closed_early = 0
         self.running = threading.Event()
         self.end = tokenizer.encode_special("<|assistant_end|>")
@@ -61,8 +77,11 @@ class FakeEngine:
         return self.tokenizer.encode(text)
 
     def _step(self):
+        self.entered += 1  # steps begun (a paced step may still be waiting for its permit)
         self.running.set()
-        if self.gate is not None:
+        if isinstance(self.gate, threading.Semaphore):  # one permit per step: the test paces the steps
+            self.gate.acquire(timeout=30)
+        elif self.gate is not None:
             self.gate.wait(30)
         if self.delay:
             time.sleep(self.delay)

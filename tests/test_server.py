@@ -9,7 +9,7 @@ import time
 
 import pytest
 from fastapi.testclient import TestClient
-from server_fakes import FakeEngine, FakeMultiEngine, byte_tokens, tiny_tokenizer
+from server_fakes import FakeEngine, FakeMultiEngine, byte_tokens, tiny_gpt, tiny_tokenizer
 
 from nanochat.server import create_app
 from nanochat.server.text import RowDecoder, StopMatcher
@@ -573,20 +573,6 @@ def test_no_batching_without_generate_multi_or_max_batch_1(tok):
 
 # -----------------------------------------------------------------------------
 # A real (random-init) tiny GPT behind the real Engine
-
-
-def tiny_gpt(tok):
-    """A random-init one-layer GPT for the real Engine."""
-    import torch
-
-    from nanochat.gpt import GPT, GPTConfig
-
-    torch.manual_seed(0)
-    model = GPT(GPTConfig(sequence_len=128, vocab_size=tok.get_vocab_size(), n_layer=1, n_head=1, n_kv_head=1,
-                          n_embd=64, window_pattern="L"))
-    model.init_weights()
-    model.eval()
-    return model
 
 
 def test_real_tiny_model(tok):
