@@ -1,15 +1,19 @@
-"""Serving throughput: N concurrent streaming clients on loopback against the web server
-(nanochat.server under uvicorn) with a tiny random-init model, with and without dynamic
-batching (--max-batch 1 = one request at a time, as upstream's server).
+"""Serving under load: clients arriving at random (Poisson) times against the web server
+(nanochat.server under uvicorn) with a tiny random-init model, in three scheduling modes, plus the
+time to first token along one long multi-turn chat.
 
-    python -m bench.serve                                    # CPU: depth 2, 16 clients x 2 requests, 32 tokens each
-    python -m bench.serve --depth 4 --clients 32 --max-batch 16 --device cuda
+    python -m bench.serve                                 # CPU: depth 2, 32 clients at 8/s, 32 tokens each
+    python -m bench.serve --depth 4 --rate 20 --max-batch 16 --device cuda
 
-Reported per mode: requests/s, generated tokens/s, median/p95 latency and time to first token;
-then the batched/unbatched ratios. The clients run in the same process (an asyncio loop beside
-uvicorn's), so absolute numbers include their overhead; the ratio is the measurement. Every
-request uses its own seed and temperature 1, so both modes decode the same amount of text.
-Prints a table and a final JSON line.
+Modes (the same arrival times and seeds in each):
+  one at a time   --max-batch 1: each request decodes alone
+  admission       requests that wait while a batch decodes start together once it has drained
+  step            a request joins the running batch at the next step (continuous batching)
+Per mode: p50/p99 time to first token, p50 latency, total generated tokens/s (first arrival to
+last reply). Then the multi-turn series: TTFT of turns 1..6 of one chat whose every user message
+is long, in step mode (each turn reuses the previous turns' KV cache), median of --chats chats;
+the goal is turn 6 within 1.5x of turn 1. The clients run in the same process (an asyncio loop
+beside uvicorn's), so absolute numbers include their overhead. Prints tables and a final JSON line.
 """
 
 import argparse
@@ -42,70 +46,108 @@ def build_engine(args):
     return Engine(model, tok, compile=bool(args.compile)), tok, texts
 
 
-async def drive(url, args, prompts):
+def percentile(values, q):
+    values = sorted(values)
+    return values[min(len(values) - 1, int(q * len(values)))]
+
+
+async def stream_reply(http, messages, max_tokens, seed):
+    """One streaming request -> (time to first token, latency, reply text, completion tokens)."""
+    body = {"messages": messages, "stream": True, "max_tokens": max_tokens, "temperature": 1.0, "top_k": 0,
+            "seed": seed, "stream_options": {"include_usage": True}}
+    t0 = time.perf_counter()
+    first, text, tokens = None, [], 0
+    async with http.stream("POST", "/v1/chat/completions", json=body) as resp:
+        if resp.status_code != 200:
+            raise RuntimeError(f"HTTP {resp.status_code}: {await resp.aread()}")
+        async for line in resp.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            event = json.loads(line[6:])
+            if event["choices"] and event["choices"][0]["delta"].get("content"):
+                first = first or time.perf_counter() - t0
+                text.append(event["choices"][0]["delta"]["content"])
+            if event.get("usage"):
+                tokens = event["usage"]["completion_tokens"]
+    latency = time.perf_counter() - t0
+    return (first or latency), latency, "".join(text), tokens
+
+
+async def arrivals(url, args, prompts, times):
+    """Client i sends prompts[i] at times[i] seconds after the start."""
     import httpx
 
-    latencies, ttfts, tokens = [], [], 0
+    results = [None] * len(times)
 
-    async def client(c, http):
-        nonlocal tokens
-        for r in range(args.requests):
-            i = c * args.requests + r
-            body = {"messages": [{"role": "user", "content": prompts[i % len(prompts)]}], "stream": True,
-                    "max_tokens": args.max_tokens, "temperature": 1.0, "top_k": 0, "seed": 1000 + i,
-                    "stream_options": {"include_usage": True}}
-            t0 = time.perf_counter()
-            first = None
-            async with http.stream("POST", "/v1/chat/completions", json=body) as resp:
-                if resp.status_code != 200:
-                    raise RuntimeError(f"HTTP {resp.status_code}: {await resp.aread()}")
-                async for line in resp.aiter_lines():
-                    if not line.startswith("data: ") or line == "data: [DONE]":
-                        continue
-                    event = json.loads(line[6:])
-                    if first is None and event["choices"] and event["choices"][0]["delta"].get("content"):
-                        first = time.perf_counter() - t0
-                    if event.get("usage"):
-                        tokens += event["usage"]["completion_tokens"]
-            latencies.append(time.perf_counter() - t0)
-            ttfts.append(first if first is not None else latencies[-1])
+    async def client(i, http):
+        await asyncio.sleep(times[i])
+        messages = [{"role": "user", "content": prompts[i % len(prompts)]}]
+        results[i] = await stream_reply(http, messages, args.max_tokens, 1000 + i)
 
-    limits = httpx.Limits(max_connections=args.clients + 4)
+    limits = httpx.Limits(max_connections=len(times) + 4)
     async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as http:
         t0 = time.perf_counter()
-        await asyncio.gather(*(client(c, http) for c in range(args.clients)))
-        wall = time.perf_counter() - t0
+        await asyncio.gather(*(client(i, http) for i in range(len(times))))
+        wall = time.perf_counter() - t0 - times[0]
         stats = (await http.get("/stats")).json()
-    n = args.clients * args.requests
-    lat = sorted(latencies)
-    return {"requests": n, "wall_s": wall, "req_per_s": n / wall, "tok_per_s": tokens / wall, "tokens": tokens,
-            "latency_p50_s": statistics.median(lat), "latency_p95_s": lat[min(n - 1, int(0.95 * n))],
-            "ttft_p50_s": statistics.median(ttfts), "max_batch_rows": stats["workers"][0]["max_batch_rows"],
-            "batches": stats["workers"][0]["batches"]}
+    ttfts = [r[0] for r in results]
+    tokens = sum(r[3] for r in results)
+    return {"requests": len(times), "wall_s": wall, "tokens": tokens, "tok_per_s": tokens / wall,
+            "ttft_p50_s": statistics.median(ttfts), "ttft_p99_s": percentile(ttfts, 0.99),
+            "latency_p50_s": statistics.median(r[1] for r in results),
+            "max_batch_rows": stats["workers"][0]["max_batch_rows"], "batching_mode": stats["batching_mode"]}
 
 
-def run_mode(engine, tok, prompts, args, max_batch):
+async def chat_series(url, args, texts, chat):
+    """TTFT of each turn of one chat: every user message is --turn-words words long."""
+    import httpx
+
+    rng = random.Random(chat)
+    messages, ttfts = [], []
+    async with httpx.AsyncClient(base_url=url, timeout=600) as http:
+        for turn in range(args.turns):
+            words = []
+            while len(words) < args.turn_words:
+                words += rng.choice(texts).split()
+            messages.append({"role": "user", "content": " ".join(words[:args.turn_words])})
+            ttft, _latency, reply, _tokens = await stream_reply(http, messages, args.turn_tokens, 7 * chat + turn)
+            messages.append({"role": "assistant", "content": reply or "ok"})
+            ttfts.append(ttft)
+    return ttfts
+
+
+async def wait_ready(url):
+    import httpx
+
+    async with httpx.AsyncClient(base_url=url, timeout=60) as http:
+        while not (await http.get("/health")).json()["ready"]:
+            await asyncio.sleep(0.05)
+
+
+def serve(engine, tok, args, max_batch, batching):
     from nanochat.server import BackgroundServer, create_app
 
     app = create_app([engine], tok, model_name="bench", devices=[args.device], max_batch=max_batch,
-                     max_queue=args.clients * 2, request_timeout=None, max_tokens=args.max_tokens)
-    with BackgroundServer(app) as server:
-        warm = argparse.Namespace(**{**vars(args), "clients": min(args.clients, max_batch), "requests": 1})
-        asyncio.run(drive(server.url, warm, prompts))  # warm-up: allocations, caches, compile
-        return asyncio.run(drive(server.url, args, prompts))
+                     batching=batching, max_queue=args.clients * 2, request_timeout=None,
+                     max_tokens=max(args.max_tokens, args.turn_tokens))
+    return BackgroundServer(app)
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--depth", type=int, default=2)
     p.add_argument("--vocab", type=int, default=512)
-    p.add_argument("--seq-len", type=int, default=256)
-    p.add_argument("--clients", type=int, default=16, help="concurrent streaming clients")
-    p.add_argument("--requests", type=int, default=2, help="requests per client, one after another")
+    p.add_argument("--seq-len", type=int, default=2048, help="the model's context (the multi-turn chat must fit)")
+    p.add_argument("--clients", type=int, default=32, help="requests, one per client")
+    p.add_argument("--rate", type=float, default=8.0, help="mean arrivals per second (Poisson)")
     p.add_argument("--max-tokens", type=int, default=32)
-    p.add_argument("--max-batch", type=int, default=16, help="rows per batched decode in the batching mode")
+    p.add_argument("--max-batch", type=int, default=16, help="rows per batch in the batching modes")
+    p.add_argument("--turns", type=int, default=6)
+    p.add_argument("--turn-words", type=int, default=120, help="words in each user message of the multi-turn chat")
+    p.add_argument("--turn-tokens", type=int, default=32, help="max tokens of each reply in the multi-turn chat")
+    p.add_argument("--chats", type=int, default=3, help="multi-turn chats (each turn's median is reported)")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--compile", type=int, default=0, help="compile the engine's decode step (recompiles per batch size)")
+    p.add_argument("--compile", type=int, default=0, help="compile the engine's decode step")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
     args = p.parse_args(argv)
 
@@ -118,25 +160,46 @@ def main(argv=None):
     if args.threads:
         torch.set_num_threads(args.threads)
     engine, tok, texts = build_engine(args)
-    if not hasattr(engine, "generate_multi"):
-        raise SystemExit("this Engine has no generate_multi; nothing to compare")
-    results = {}
-    for name, mb in (("one at a time", 1), (f"batched (max {args.max_batch})", args.max_batch)):
-        results[name] = r = run_mode(engine, tok, texts, args, mb)
-        r["max_batch"] = mb
+    if not hasattr(engine, "session"):
+        raise SystemExit("this Engine has no session(); step-level batching needs it")
+    rng = random.Random(0)
+    times, t = [], 0.0
+    for _ in range(args.clients):
+        t += rng.expovariate(args.rate)
+        times.append(t)
 
-    print(f"\nserve bench: depth {args.depth}, vocab {args.vocab}, {args.clients} clients x {args.requests} requests, "
-          f"{args.max_tokens} tokens max, device {args.device}, compile {args.compile}")
-    print(f"{'mode':22s} {'req/s':>8s} {'tok/s':>9s} {'p50 s':>7s} {'p95 s':>7s} {'ttft p50':>9s} {'rows/batch max':>15s}")
+    modes = {"one at a time": (1, "step"), "admission": (args.max_batch, "admission"), "step": (args.max_batch, "step")}
+    results = {}
+    for k, (name, (max_batch, batching)) in enumerate(modes.items()):
+        # each run's prompts start differently, so none finds another run's replies in the prefix store
+        prompts, warm = [f"run {k}. {t}" for t in texts], [f"warm {k}. {t}" for t in texts]
+        with serve(engine, tok, args, max_batch, batching) as server:
+            asyncio.run(wait_ready(server.url))
+            asyncio.run(arrivals(server.url, args, warm, [0.0] * min(4, args.clients)))
+            results[name] = asyncio.run(arrivals(server.url, args, prompts, times))
+    with serve(engine, tok, args, args.max_batch, "step") as server:
+        asyncio.run(wait_ready(server.url))
+        series = [asyncio.run(chat_series(server.url, args, texts, chat)) for chat in range(args.chats + 1)][1:]
+    turns = [statistics.median(s[t] for s in series) for t in range(args.turns)]  # chat 0 was the warm-up
+
+    print(f"\nserve bench: depth {args.depth}, vocab {args.vocab}, {args.clients} clients at {args.rate:g}/s (Poisson), "
+          f"{args.max_tokens} tokens max, max batch {args.max_batch}, device {args.device}, compile {args.compile}")
+    print(f"{'mode':14s} {'ttft p50 s':>11s} {'ttft p99 s':>11s} {'latency p50 s':>14s} {'tok/s':>8s} {'rows max':>9s}")
     for name, r in results.items():
-        print(f"{name:22s} {r['req_per_s']:8.2f} {r['tok_per_s']:9.1f} {r['latency_p50_s']:7.2f} {r['latency_p95_s']:7.2f} "
-              f"{r['ttft_p50_s']:9.2f} {r['max_batch_rows']:15d}")
-    base, batched = results["one at a time"], list(results.values())[1]
-    ratios = {"req_per_s": batched["req_per_s"] / base["req_per_s"], "tok_per_s": batched["tok_per_s"] / base["tok_per_s"],
-              "latency_p50": batched["latency_p50_s"] / base["latency_p50_s"]}
-    print(f"batched / one at a time: req/s x{ratios['req_per_s']:.2f}, tok/s x{ratios['tok_per_s']:.2f}, "
-          f"median latency x{ratios['latency_p50']:.2f}")
-    print(json.dumps({"bench": "serve", "config": vars(args), "unbatched": base, "batched": batched, "ratios": ratios}))
+        print(f"{name:14s} {r['ttft_p50_s']:11.3f} {r['ttft_p99_s']:11.3f} {r['latency_p50_s']:14.3f} "
+              f"{r['tok_per_s']:8.1f} {r['max_batch_rows']:9d}")
+    base = results["one at a time"]
+    for name in ("admission", "step"):
+        r = results[name]
+        print(f"{name} / one at a time: tok/s x{r['tok_per_s'] / base['tok_per_s']:.2f}, "
+              f"ttft p50 x{r['ttft_p50_s'] / base['ttft_p50_s']:.2f}, ttft p99 x{r['ttft_p99_s'] / base['ttft_p99_s']:.2f}")
+    print(f"\nmulti-turn chat ({args.turn_words}-word user messages, {args.turn_tokens}-token replies, "
+          f"median of {args.chats}): TTFT by turn")
+    print("  ".join(f"turn {t + 1}: {s * 1000:.0f} ms" for t, s in enumerate(turns)))
+    ratio = turns[-1] / turns[0]
+    print(f"turn {args.turns} / turn 1: x{ratio:.2f} (goal <= 1.5)")
+    print(json.dumps({"bench": "serve", "config": vars(args), "modes": results, "multi_turn_ttft_s": turns,
+                      "multi_turn_ratio": ratio}))
 
 
 if __name__ == "__main__":
