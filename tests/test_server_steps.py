@@ -11,7 +11,7 @@ from fastapi.testclient import TestClient
 from server_fakes import FakeEngine, FakeSessionEngine, last_user_text, tiny_gpt, tiny_tokenizer
 
 from nanochat.server import create_app
-from nanochat.server.scheduler import Job, WorkerPool
+from nanochat.server.scheduler import Job, QueueFull, WorkerPool
 
 MODEL = "nanochat-test"
 
@@ -157,6 +157,25 @@ def test_admission_mode_only_fills_a_starting_batch(tok):
     assert pool.batching_mode == "admission"
     assert all(len(rows) == 1 for rows in engine.step_rows)  # b waited for a's batch to drain
     assert engine.step_rows[-1] == [1]
+
+
+def test_queue_limit_counts_the_free_rows_of_a_running_batch(tok):
+    permits = threading.Semaphore(0)
+    engine = FakeSessionEngine(tok, gate=permits)
+    pool = WorkerPool([engine], tok, max_batch=2, max_queue=1)
+    job = lambda name: Job(prompt(tok, name), max_tokens=100, temperature=1.0, top_k=None)  # noqa: E731
+    try:
+        pool.submit(job("a"))
+        permits.release(1)
+        wait_for(lambda: len(engine.step_rows) == 1 and engine.entered == 2)  # one row decoding, one free
+        pool.submit(job("b"))  # will take the free row at the next step
+        pool.submit(job("c"))  # the one queue slot
+        with pytest.raises(QueueFull):
+            pool.submit(job("d"))
+    finally:
+        permits.release(10_000)
+        pool.close()
+    assert pool.requests_rejected == 1
 
 
 # -----------------------------------------------------------------------------

@@ -167,12 +167,16 @@ class WorkerPool:
                 raise QueueFull("the server is shutting down")
             self.requests_total += 1
             self._drop_cancelled()
-            idle = sum(not w.busy for w in self.workers)  # a job for an idle worker waits only a moment
-            if len(self.waiting) >= self.max_queue + idle:
+            if len(self.waiting) >= self.max_queue + self._free_rows():
                 self.requests_rejected += 1
                 raise QueueFull(f"the request queue is full ({self.max_queue} waiting)")
             self.waiting.append(job)
             self.cond.notify()
+
+    def _free_rows(self):
+        """Rows that can start decoding within a step (call with self.cond held): an idle worker takes
+        a job at once, and a worker batching at every step takes one into each free row."""
+        return sum(max(0, self.max_batch - w.rows) if w.continuous else not w.busy for w in self.workers)
 
     def _drop_cancelled(self):
         """Forget queued jobs whose client left or timed out (call with self.cond held), so they
