@@ -79,16 +79,16 @@ async def arrivals(url, args, prompts, times):
 
     results = [None] * len(times)
 
-    async def client(i, http):
+    async def client(i):
         await asyncio.sleep(times[i])
         messages = [{"role": "user", "content": prompts[i % len(prompts)]}]
-        results[i] = await stream_reply(http, messages, args.max_tokens, 1000 + i)
+        async with httpx.AsyncClient(base_url=url, timeout=600) as http:  # its own connection (see chat_series)
+            results[i] = await stream_reply(http, messages, args.max_tokens, 1000 + i)
 
-    limits = httpx.Limits(max_connections=len(times) + 4)
-    async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as http:
-        t0 = time.perf_counter()
-        await asyncio.gather(*(client(i, http) for i in range(len(times))))
-        wall = time.perf_counter() - t0 - times[0]
+    t0 = time.perf_counter()
+    await asyncio.gather(*(client(i) for i in range(len(times))))
+    wall = time.perf_counter() - t0 - times[0]
+    async with httpx.AsyncClient(base_url=url, timeout=60) as http:
         stats = (await http.get("/stats")).json()
     ttfts = [r[0] for r in results]
     tokens = sum(r[3] for r in results)
@@ -104,15 +104,17 @@ async def chat_series(url, args, texts, chat):
 
     rng = random.Random(chat)
     messages, ttfts = [], []
-    async with httpx.AsyncClient(base_url=url, timeout=600) as http:
-        for turn in range(args.turns):
-            words = []
-            while len(words) < args.turn_words:
-                words += rng.choice(texts).split()
-            messages.append({"role": "user", "content": " ".join(words[:args.turn_words])})
+    for turn in range(args.turns):
+        words = []
+        while len(words) < args.turn_words:
+            words += rng.choice(texts).split()
+        messages.append({"role": "user", "content": " ".join(words[:args.turn_words])})
+        # a new connection per turn: on a reused one, the client's small body write can wait for a
+        # delayed ACK (~40 ms on Linux), which would swamp what this series measures
+        async with httpx.AsyncClient(base_url=url, timeout=600) as http:
             ttft, _latency, reply, _tokens = await stream_reply(http, messages, args.turn_tokens, 7 * chat + turn)
-            messages.append({"role": "assistant", "content": reply or "ok"})
-            ttfts.append(ttft)
+        messages.append({"role": "assistant", "content": reply or "ok"})
+        ttfts.append(ttft)
     return ttfts
 
 
