@@ -51,6 +51,15 @@ def percentile(values, q):
     return values[min(len(values) - 1, int(q * len(values)))]
 
 
+def fresh_connections(url):
+    """An HTTP client that opens a new connection per request: on a reused one the request body's
+    small second write can wait for the server's delayed ACK (~40 ms on Linux), which would pose as
+    time to first token."""
+    import httpx
+
+    return httpx.AsyncClient(base_url=url, timeout=600, limits=httpx.Limits(max_keepalive_connections=0))
+
+
 async def stream_reply(http, messages, max_tokens, seed):
     """One streaming request -> (time to first token, latency, reply text, completion tokens)."""
     body = {"messages": messages, "stream": True, "max_tokens": max_tokens, "temperature": 1.0, "top_k": 0,
@@ -75,20 +84,17 @@ async def stream_reply(http, messages, max_tokens, seed):
 
 async def arrivals(url, args, prompts, times):
     """Client i sends prompts[i] at times[i] seconds after the start."""
-    import httpx
-
     results = [None] * len(times)
 
-    async def client(i):
+    async def client(i, http):
         await asyncio.sleep(times[i])
         messages = [{"role": "user", "content": prompts[i % len(prompts)]}]
-        async with httpx.AsyncClient(base_url=url, timeout=600) as http:  # its own connection (see chat_series)
-            results[i] = await stream_reply(http, messages, args.max_tokens, 1000 + i)
+        results[i] = await stream_reply(http, messages, args.max_tokens, 1000 + i)
 
-    t0 = time.perf_counter()
-    await asyncio.gather(*(client(i) for i in range(len(times))))
-    wall = time.perf_counter() - t0 - times[0]
-    async with httpx.AsyncClient(base_url=url, timeout=60) as http:
+    async with fresh_connections(url) as http:
+        t0 = time.perf_counter()
+        await asyncio.gather(*(client(i, http) for i in range(len(times))))
+        wall = time.perf_counter() - t0 - times[0]
         stats = (await http.get("/stats")).json()
     ttfts = [r[0] for r in results]
     tokens = sum(r[3] for r in results)
@@ -100,8 +106,6 @@ async def arrivals(url, args, prompts, times):
 
 async def chat_series(url, args, texts, chat):
     """TTFT of each turn of one chat: every user message is --turn-words words long."""
-    import httpx
-
     rng = random.Random(chat)
     messages, ttfts = [], []
     for turn in range(args.turns):
@@ -109,9 +113,7 @@ async def chat_series(url, args, texts, chat):
         while len(words) < args.turn_words:
             words += rng.choice(texts).split()
         messages.append({"role": "user", "content": " ".join(words[:args.turn_words])})
-        # a new connection per turn: on a reused one, the client's small body write can wait for a
-        # delayed ACK (~40 ms on Linux), which would swamp what this series measures
-        async with httpx.AsyncClient(base_url=url, timeout=600) as http:
+        async with fresh_connections(url) as http:
             ttft, _latency, reply, _tokens = await stream_reply(http, messages, args.turn_tokens, 7 * chat + turn)
         messages.append({"role": "assistant", "content": reply or "ok"})
         ttfts.append(ttft)
