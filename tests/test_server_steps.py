@@ -8,7 +8,7 @@ import time
 
 import pytest
 from fastapi.testclient import TestClient
-from server_fakes import FakeEngine, FakeSessionEngine, last_user_text, tiny_gpt, tiny_tokenizer
+from server_fakes import FakeEngine, FakeSession, FakeSessionEngine, last_user_text, tiny_gpt, tiny_tokenizer
 
 from nanochat.server import create_app
 from nanochat.server.scheduler import Job, QueueFull, WorkerPool
@@ -176,6 +176,35 @@ def test_queue_limit_counts_the_free_rows_of_a_running_batch(tok):
         permits.release(10_000)
         pool.close()
     assert pool.requests_rejected == 1
+
+
+def test_engine_failure_in_a_step_is_500_and_the_worker_goes_on(tok, caplog):
+    engine = FakeSessionEngine(tok)
+    broken = {"step": True, "add": False}
+    step, add = engine._step, FakeSession.add
+
+    def failing_step():
+        if broken["step"]:
+            raise RuntimeError("/secret/path exploded")
+        step()
+
+    def failing_add(session, *args, **kwargs):
+        if broken["add"]:
+            raise RuntimeError("/secret/path exploded")
+        return add(session, *args, **kwargs)
+
+    engine._step = failing_step
+    with client_for(engine, tok) as c, pytest.MonkeyPatch.context() as mp:
+        mp.setattr(FakeSession, "add", failing_add)
+        for what in ("step", "add"):
+            broken.update(step=what == "step", add=what == "add")
+            r = c.post("/v1/chat/completions", json=hello())
+            assert r.status_code == 500 and r.json()["error"]["code"] == "generation_failed"
+            assert "secret" not in r.text
+        broken.update(step=False, add=False)
+        assert c.post("/v1/chat/completions", json=hello()).json()["choices"][0]["message"]["content"] == "You said: hello there"
+        assert c.get("/stats").json()["busy_workers"] == 0
+    assert len(engine.sessions) == 3  # each failure closed its session (nothing else ran in it); a new one followed
 
 
 # -----------------------------------------------------------------------------

@@ -100,13 +100,18 @@ class Worker:
         self.tokens_generated = 0
         self.batches = 0
         self.max_rows_seen = 0
-        self.rows = 0  # rows decoding now (step mode)
+        self.batch = None  # the StepBatch it decodes (engines with session())
         self.multi = getattr(engine, "generate_multi", None)
         self.multi_params = inspect.signature(self.multi).parameters if self.multi else {}
         self.stepped = hasattr(engine, "session")  # decodes through engine.session() (see _run_steps)
         self.continuous = self.stepped and batching == "step"  # admits requests into a running batch
         generate = getattr(engine, "generate", None)
         self.has_top_p = self.stepped or (generate is not None and "top_p" in inspect.signature(generate).parameters)
+
+    @property
+    def rows(self):
+        """Rows decoding now (step mode)."""
+        return self.batch.rows if self.batch is not None else 0
 
 
 class WorkerPool:
@@ -420,92 +425,25 @@ class WorkerPool:
             return jobs
 
     def _run_steps(self, worker):
-        """One decode session; each step admits waiting jobs into free rows, decodes every row one
-        token, and retires rows that finished, stopped on a stop string, or whose request ended."""
-        session = None
-        live = {}  # job id -> (job, [RowDecoder], [row id])
-        owner = {}  # row id -> (job, index of the row in its job)
+        """Each turn of the loop admits waiting jobs into free rows, retires the jobs whose request
+        ended, and decodes every row one token (the new rows' prompts prefilled in that step)."""
+        batch = worker.batch = StepBatch(self, worker)
         try:
             while True:
-                jobs = self._admit(worker, worker.rows)
+                jobs = self._admit(worker, batch.rows)
                 if jobs is None:
                     return
-                if session is None:
-                    session = worker.engine.session(max_rows=self.max_batch)
-                if jobs:
-                    worker.batches += not live
+                worker.batches += bool(jobs) and not batch.rows
                 for job in jobs:
-                    self._start(worker, session, job, live, owner)
-                for job, _rows, row_ids in list(live.values()):
-                    if self._expired(job):  # client gone or timed out: free its rows at this step
-                        for row_id in row_ids:
-                            if row_id in owner:
-                                session.cancel(row_id)
-                        self._retire(worker, job, live, owner, ended=False)
-                if not owner:
-                    continue
-                worker.rows = len(owner)
-                worker.max_rows_seen = max(worker.max_rows_seen, len(owner))
-                try:
-                    events = session.step()
-                except Exception:
-                    logger.exception(f"generation failed for {' '.join(live)}")
-                    for job, _rows, _ids in list(live.values()):
-                        job.push("error", f"Generation failed (request id {job.id}); the details are in the server log.")
-                        self._retire(worker, job, live, owner, ended=False)
-                    session.close()
-                    session = None
-                    continue
-                for row_id, token, _mask, finished in events:
-                    if row_id not in owner:
-                        continue
-                    job, i = owner[row_id]
-                    rows = live[job.id][1]
-                    self._deliver(worker, job, rows, i, token)
-                    if finished or rows[i].done:  # done early: a stop string, or the request ended
-                        if not finished:
-                            session.cancel(row_id)
-                        del owner[row_id]
-                        if all(row_id not in owner for row_id in live[job.id][2]):
-                            self._retire(worker, job, live, owner, ended=True)
-                worker.rows = len(owner)
+                    batch.start(job)
+                batch.drop_expired()
+                if batch.rows:
+                    batch.step()
         finally:
-            for job, _rows, _ids in list(live.values()):
-                self._retire(worker, job, live, owner, ended=False)
-            worker.rows = 0
+            batch.close()
             worker.busy = False
-            if session is not None:
-                session.close()
 
-    def _start(self, worker, session, job, live, owner):
-        """Add a job's rows to the session (prefilled at the next step); a single reply keeps its
-        final KV cache so the chat's next turn reuses it."""
-        if self._expired(job):
-            self._retire(worker, job, live, owner, ended=False)
-            return
-        job.worker_id = worker.id
-        job.started = time.monotonic()
-        try:
-            row_ids = session.add(job.prompt, n=job.n, max_tokens=job.max_tokens, temperature=job.temperature,
-                                  top_k=job.top_k or None, top_p=job.top_p, seed=job.seed, keep=job.n == 1)
-        except Exception:
-            logger.exception(f"could not start {job.id}")
-            job.push("error", f"Generation failed (request id {job.id}); the details are in the server log.")
-            self._retire(worker, job, live, owner, ended=False)
-            return
-        job.push("start", worker.id)
-        live[job.id] = (job, self._rows(job), list(row_ids))
-        for i, row_id in enumerate(row_ids):
-            owner[row_id] = (job, i)
-
-    def _retire(self, worker, job, live, owner, ended):
-        """The job leaves the batch: with ended, its last text and usage are sent."""
-        entry = live.pop(job.id, None)
-        if entry is not None:
-            for row_id in entry[2]:
-                owner.pop(row_id, None)
-            if ended:
-                self._end(worker, job, entry[1])
+    def _job_done(self, worker, job):
         worker.requests_served += 1
         with self.cond:
             self.running.discard(job)
@@ -513,3 +451,95 @@ class WorkerPool:
             if job.started is not None:
                 took = time.monotonic() - job.started
                 self.service_time_ewma = took if self.service_time_ewma is None else 0.8 * self.service_time_ewma + 0.2 * took
+
+
+class StepBatch:
+    """The jobs one worker decodes in its engine's session, and which row belongs to which job.
+    Lives in the worker's thread (the session is not shared)."""
+
+    def __init__(self, pool, worker):
+        self.pool, self.worker = pool, worker
+        self.session = None
+        self.jobs = {}  # job id -> (job, its RowDecoders, its session row ids)
+        self.owner = {}  # session row id -> (job, index of the row in the job)
+
+    @property
+    def rows(self):
+        return len(self.owner)
+
+    def start(self, job):
+        """Add the job's rows to the session (prefilled at the next step). A single reply keeps
+        its final KV cache in the engine's prefix store, so the chat's next turn reuses it."""
+        if self.pool._expired(job):
+            return self.pool._job_done(self.worker, job)
+        if self.session is None:
+            self.session = self.worker.engine.session(max_rows=self.pool.max_batch)
+        job.worker_id = self.worker.id
+        job.started = time.monotonic()
+        try:
+            row_ids = self.session.add(job.prompt, n=job.n, max_tokens=job.max_tokens, temperature=job.temperature,
+                                       top_k=job.top_k or None, top_p=job.top_p, seed=job.seed, keep=job.n == 1)
+        except Exception:
+            logger.exception(f"could not start {job.id}")
+            return self._fail([job])
+        job.push("start", self.worker.id)
+        self.jobs[job.id] = (job, self.pool._rows(job), list(row_ids))
+        self.owner.update({row_id: (job, i) for i, row_id in enumerate(row_ids)})
+
+    def drop_expired(self):
+        """Free the rows of jobs whose client left or whose time ran out (they leave before the next step)."""
+        for job, _rows, row_ids in list(self.jobs.values()):
+            if self.pool._expired(job):
+                for row_id in row_ids:
+                    if row_id in self.owner:
+                        self.session.cancel(row_id)
+                self._retire(job, ended=False)
+
+    def step(self):
+        """Decode one token for every row and hand each to its job; rows that finished, or hit a
+        stop string, leave the session."""
+        self.worker.max_rows_seen = max(self.worker.max_rows_seen, self.rows)
+        try:
+            events = self.session.step()
+        except Exception:  # the engine failed: tell every client of this batch, start a new session
+            logger.exception(f"generation failed for {' '.join(self.jobs)}")
+            return self._fail([job for job, _rows, _ids in self.jobs.values()])
+        for row_id, token, _mask, finished in events:
+            if row_id not in self.owner:
+                continue
+            job, i = self.owner[row_id]
+            _job, rows, row_ids = self.jobs[job.id]
+            self.pool._deliver(self.worker, job, rows, i, token)
+            if finished or rows[i].done:
+                if not finished:  # a stop string ended it (or the request did): the engine can stop
+                    self.session.cancel(row_id)
+                del self.owner[row_id]
+                if not any(r in self.owner for r in row_ids):
+                    self._retire(job, ended=True)
+
+    def _retire(self, job, ended):
+        """The job leaves the batch; with ended, its last text and its usage are sent."""
+        _job, rows, row_ids = self.jobs.pop(job.id)
+        for row_id in row_ids:
+            self.owner.pop(row_id, None)
+        if ended:
+            self.pool._end(self.worker, job, rows)
+        self.pool._job_done(self.worker, job)
+
+    def _fail(self, jobs):
+        # the exception text can hold paths and internals: it goes to the log, not to clients
+        for job in jobs:
+            job.push("error", f"Generation failed (request id {job.id}); the details are in the server log.")
+            if job.id in self.jobs:
+                self._retire(job, ended=False)
+            else:
+                self.pool._job_done(self.worker, job)
+        if not self.jobs:
+            self.close()
+
+    def close(self):
+        for job, _rows, _ids in list(self.jobs.values()):
+            self._retire(job, ended=False)
+        if self.session is not None:
+            self.session.close()
+            self.session = None
