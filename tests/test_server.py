@@ -593,20 +593,35 @@ def test_real_tiny_model(tok):
 
 def test_seeded_n_rows_same_whether_batched_or_alone(tok):
     """A request with a seed and n > 1 gets the same choices whether the worker decodes it alone
-    or together with other waiting requests (row i samples from seed + i either way)."""
+    or together with other waiting requests (row i samples from seed + i either way). Admission
+    batching here; tests/test_server_steps.py has requests joining a running batch."""
     from nanochat.engine import Engine
 
     gate, running = threading.Event(), threading.Event()
 
-    class GatedEngine(Engine):  # the first generate() holds the worker until the others are queued
-        def generate(self, *args, **kwargs):
-            running.set()
-            gate.wait(10)
-            return super().generate(*args, **kwargs)
+    class GatedEngine(Engine):  # every step waits for the gate: the worker holds until the others are queued
+        warm = False
+
+        def warmup(self):
+            super().warmup()
+            self.warm = True
+
+        def session(self, *args, **kwargs):
+            session = super().session(*args, **kwargs)
+            step = session.step
+
+            def gated():
+                if self.warm:  # not the warm-up's steps
+                    running.set()
+                    gate.wait(10)
+                return step()
+
+            session.step = gated
+            return session
 
     engine = GatedEngine(tiny_gpt(tok), tok, compile=False)
     body = {**hello("the cat sees the moon"), "max_tokens": 12, "seed": 7, "temperature": 1.0, "n": 2}
-    with client_for(engine, tok, max_batch=4) as c:
+    with client_for(engine, tok, max_batch=4, batching="admission") as c:
         results = {}
 
         def post(name, b):

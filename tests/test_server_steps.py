@@ -380,6 +380,7 @@ def test_prefix_reuse_gives_the_tokens_of_a_fresh_prefill_real_engine(tok):
         wait_for(lambda: pool.stats()["requests_completed"] == 1, 60)
     finally:
         pool.close()
+    assert engine.prefix_store.hits == 1 and fresh.engine.prefix_store.hits == 0
     assert reused.tokens[1] == fresh.tokens[0]
 
 

@@ -473,7 +473,8 @@ class StepBatch:
         if self.pool._expired(job):
             return self.pool._job_done(self.worker, job)
         if self.session is None:
-            self.session = self.worker.engine.session(max_rows=self.pool.max_batch)
+            # no max_rows: the pool bounds the rows itself (a job of more than max_batch rows runs alone)
+            self.session = self.worker.engine.session()
         job.worker_id = self.worker.id
         job.started = time.monotonic()
         try:
