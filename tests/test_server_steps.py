@@ -8,7 +8,15 @@ import time
 
 import pytest
 from fastapi.testclient import TestClient
-from server_fakes import FakeEngine, FakeSession, FakeSessionEngine, last_user_text, tiny_gpt, tiny_tokenizer
+from server_fakes import (
+    FakeEngine,
+    FakeSession,
+    FakeSessionEngine,
+    byte_tokens,
+    last_user_text,
+    tiny_gpt,
+    tiny_tokenizer,
+)
 
 from nanochat.server import create_app
 from nanochat.server.scheduler import Job, QueueFull, WorkerPool
@@ -226,6 +234,52 @@ def test_follow_up_turn_reuses_the_conversation_prefix(tok):
     # the second turn's prompt starts with turn 1's prompt and reply, all held in the prefix store
     assert engine.calls[1]["reused"] == len(turn1["tokens"]) + len(tok.encode(reply))
     assert engine.calls[2]["keep"] is False  # n > 1: no single continuation to keep
+
+
+def test_reply_tokens_render_a_reply_as_it_was_generated(tok):
+    from nanochat.server.schemas import build_prompt
+    from nanochat.server.text import ReplyTokens
+
+    replies = ReplyTokens(tok, max_entries=2)
+    end, user_start = tok.encode_special("<|assistant_end|>"), tok.encode_special("<|user_start|>")
+    generated = byte_tokens(tok, "the cat sees")  # one token per byte: not how encode() spells it
+    assert tok.encode("the cat sees") != generated
+    chat = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "the cat sees"},
+            {"role": "user", "content": "and?"}]
+    plain = build_prompt(tok, chat)
+    assert replies.render(plain) == plain  # nothing remembered yet
+    replies.remember("the cat sees", generated + [end])
+    rendered = replies.render(plain)
+    start = plain.index(tok.encode_special("<|assistant_start|>"))
+    n = len(tok.encode("the cat sees"))
+    assert rendered == plain[:start + 1] + generated + plain[start + 1 + n:]
+    assert tok.decode(rendered) == tok.decode(plain)  # the same text
+    replies.remember("the dog", byte_tokens(tok, "the") + [user_start] + byte_tokens(tok, " dog"))  # text lacks it
+    replies.remember("a b", tok.encode("a b"))  # encode() spells it the same: nothing to keep
+    assert list(replies.entries) == ["the cat sees"]
+    for text in ("the moon", "the sun"):
+        assert tok.encode(text) != byte_tokens(tok, text)
+        replies.remember(text, byte_tokens(tok, text))
+    assert list(replies.entries) == ["the moon", "the sun"]  # least recently used dropped first
+
+
+def test_follow_up_turn_over_http_hits_the_prefix_store_real_engine(tok):
+    engine = real_engine(tok)
+    app = create_app([engine], tok, model_name=MODEL)
+    remembered = 0
+    with TestClient(app, base_url="http://localhost") as c:
+        for trial in range(4):
+            chat = [{"role": "user", "content": f"hello number {trial}"}]
+            r = c.post("/v1/chat/completions", json={"messages": chat, "max_tokens": 20, "seed": trial}).json()
+            reply = r["choices"][0]["message"]["content"]
+            chat += [{"role": "assistant", "content": reply}, {"role": "user", "content": "more"}]
+            kept = reply in app.state.pool.replies.entries  # spelled otherwise than encode() would
+            before = engine.prefix_store.hits
+            assert c.post("/v1/chat/completions", json={"messages": chat, "max_tokens": 5}).status_code == 200
+            if kept:  # rendered as generated, the follow-up starts with the cached conversation
+                assert engine.prefix_store.hits == before + 1
+            remembered += kept
+    assert remembered >= 1
 
 
 @pytest.mark.parametrize("route", ["/chat/completions", "/v1/chat/completions"])

@@ -180,7 +180,7 @@ def create_app(engines, tokenizer, *, model_name="nanochat", devices=None, tempe
             if p < 1.0 and not pool.supports_top_p:
                 raise APIError(400, "top_p < 1 is not supported by this engine; use top_k (extra_body) instead.",
                                param="top_p", code="unsupported_value")
-        prompt = build_prompt(tokenizer, msgs)
+        prompt = pool.replies.render(build_prompt(tokenizer, msgs))
         max_new = max_tokens if max_new is None else max_new
         if max_context:
             if len(prompt) >= max_context:

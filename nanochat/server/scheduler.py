@@ -30,7 +30,7 @@ import threading
 import time
 from collections import deque
 
-from nanochat.server.text import RowDecoder
+from nanochat.server.text import ReplyTokens, RowDecoder
 
 logger = logging.getLogger("nanochat.server")
 
@@ -127,6 +127,7 @@ class WorkerPool:
         self.tokenizer = tokenizer
         self.specials = {tokenizer.encode_special(s): s for s in tokenizer.get_special_tokens()}
         self.max_batch = max(1, max_batch)
+        self.replies = ReplyTokens(tokenizer)  # single replies as generated, for the chat's next turn
         self.max_queue = max_queue
         self.waiting = deque()
         self.running = set()  # jobs being generated, so close() can stop them
@@ -327,6 +328,8 @@ class WorkerPool:
                 for part, text in out:
                     job.push("delta", i, part, text)
                 job.push("finish", i, row.finish_reason)
+        if job.n == 1:
+            self.replies.remember("".join(rows[0].sent), rows[0].tokens)
         # every token was counted as it was delivered (_deliver)
         completion = job.completion_tokens
         job.push("end", {"prompt_tokens": len(job.prompt), "completion_tokens": completion,
