@@ -21,6 +21,7 @@ def parse_args(argv=None):
     p.add_argument("-i", "--source", default="sft", choices=["base", "sft", "rl"], help="which checkpoints to load")
     p.add_argument("-t", "--temperature", type=float, default=0.8, help="default sampling temperature")
     p.add_argument("-k", "--top-k", type=int, default=50, help="default top-k (0 = off)")
+    p.add_argument("--top-p", type=float, default=1.0, help="default nucleus sampling mass (1 = off)")
     p.add_argument("-m", "--max-tokens", type=int, default=512, help="default max new tokens per reply")
     p.add_argument("-g", "--model-tag", default=None, help="model tag to load (default: the largest)")
     p.add_argument("-s", "--step", type=int, default=None, help="checkpoint step (default: the last)")
@@ -60,6 +61,7 @@ def parse_args(argv=None):
         (args.num_gpus >= 1, "--num-gpus must be at least 1."),
         (0 <= args.temperature <= 2, "--temperature must be between 0 and 2."),
         (0 <= args.top_k <= 200, "--top-k must be between 0 and 200."),
+        (0 < args.top_p <= 1, "--top-p must be more than 0 and at most 1 (1 = off)."),
         (1 <= args.max_tokens <= 4096, "--max-tokens must be between 1 and 4096."),
         (0 < args.port < 65536, "--port must be between 1 and 65535."),
         (args.max_batch >= 1, "--max-batch must be at least 1."),
@@ -103,7 +105,7 @@ def main(argv=None):
     engines, tokenizer, devices, model_name = load_engines(args.num_gpus, args.source, args.device_type,
                                                            model_tag, args.step)
     app = create_app(engines, tokenizer, model_name=model_name, devices=devices, temperature=args.temperature,
-                     top_k=args.top_k, max_tokens=args.max_tokens, max_batch=args.max_batch,
+                     top_k=args.top_k, top_p=args.top_p, max_tokens=args.max_tokens, max_batch=args.max_batch,
                      batching=args.batching, max_queue=args.max_queue, request_timeout=args.request_timeout or None,
                      api_key=args.api_key,
                      cors_origins=args.cors_origin, log_conversations=args.log_conversations,

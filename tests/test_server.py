@@ -374,6 +374,10 @@ def test_bad_flags_raise_nanochat_error():
         parse_args(["--temperature", "3"])
     with pytest.raises(NanochatError):
         parse_args(["--max-batch", "0"])
+    for top_p in ("0", "1.5"):
+        with pytest.raises(NanochatError, match="--top-p"):
+            parse_args(["--top-p", top_p])
+    assert parse_args(["--top-p", "0.9", "--batching", "admission"]).top_p == 0.9
 
 
 def test_cors_only_when_configured(tok):

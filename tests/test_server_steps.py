@@ -297,6 +297,16 @@ def test_top_p_reaches_the_engine_on_both_routes(tok, route):
     assert [call["top_p"] for call in engine.calls] == [0.5, 1.0]
 
 
+def test_default_top_p_from_the_server(tok):
+    engine = FakeSessionEngine(tok)
+    with client_for(engine, tok, top_p=0.9) as c:
+        c.post("/chat/completions", json=hello())
+        c.post("/v1/chat/completions", json=hello(top_p=0.3))
+    assert [call["top_p"] for call in engine.calls] == [0.9, 0.3]
+    with pytest.raises(ValueError, match="top_p"):
+        create_app([FakeEngine(tok)], tok, top_p=0.9)
+
+
 def test_top_p_below_one_refused_by_an_engine_without_it(tok):
     with client_for(FakeEngine(tok), tok) as c:
         for route in ("/chat/completions", "/v1/chat/completions"):

@@ -76,7 +76,7 @@ def _sse(obj):
     return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
 
 
-def create_app(engines, tokenizer, *, model_name="nanochat", devices=None, temperature=0.8, top_k=50,
+def create_app(engines, tokenizer, *, model_name="nanochat", devices=None, temperature=0.8, top_k=50, top_p=1.0,
                max_tokens=512, max_batch=8, max_queue=64, request_timeout=300.0, api_key=None,
                cors_origins=(), log_conversations=False, max_context=None, allowed_hosts=LOOPBACK_HOSTS,
                max_body_bytes=MAX_BODY_BYTES, body_timeout=BODY_TIMEOUT_S, batching="step"):
@@ -87,6 +87,9 @@ def create_app(engines, tokenizer, *, model_name="nanochat", devices=None, tempe
     see security.py."""
     pool = WorkerPool(engines, tokenizer, devices, max_batch=max_batch, max_queue=max_queue, batching=batching)
     max_context = max_context or _model_context(engines[0])
+    if top_p < 1.0 and not pool.supports_top_p:
+        pool.close()
+        raise ValueError("a default top_p below 1 needs an engine that samples top_p (Engine.session)")
 
     @asynccontextmanager
     async def lifespan(app):
@@ -188,7 +191,7 @@ def create_app(engines, tokenizer, *, model_name="nanochat", devices=None, tempe
                                param="messages", code="context_length_exceeded")
             max_new = min(max_new, max_context - len(prompt))
         job = Job(prompt, n=n, max_tokens=max_new, temperature=temperature if temp is None else temp,
-                  top_k=top_k if k is None else k, top_p=1.0 if p is None else p, seed=seed, stops=stops,
+                  top_k=top_k if k is None else k, top_p=top_p if p is None else p, seed=seed, stops=stops,
                   timeout=request_timeout)
         job.messages = msgs
         try:
