@@ -138,9 +138,12 @@ class FakeSession:
         self.rows = OrderedDict()  # row id -> dict(prompt, reply, pos, max_tokens, keep)
         self.closed = False
 
+    def __len__(self):
+        return len(self.rows)
+
     @property
     def active(self):
-        return len(self.rows)
+        return list(self.rows)
 
     def add(self, tokens, n=1, max_tokens=None, temperature=1.0, top_k=None, top_p=1.0, seed=None, keep=False):
         engine = self.engine

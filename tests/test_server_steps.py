@@ -368,10 +368,6 @@ class RecordingEngine:
             def close(self):
                 inner.close()
 
-            @property
-            def active(self):
-                return inner.active
-
         return Session()
 
 
