@@ -15,10 +15,11 @@ How a worker batches depends on what its engine offers and on `batching`:
     a seeded request gives the same text whoever it shares the batch with. Single-reply requests
     keep their final KV cache in the engine's prefix store, so the next turn of the same chat
     prefills only what is new.
-  - "admission" (engines with generate_multi()): a free worker takes up to max_batch waiting rows
-    with the same sampling settings and decodes them together until all are done; requests that
-    arrive meanwhile wait for the next batch.
-  - otherwise (or max_batch 1 without sessions) one request at a time through generate().
+  - "admission": a worker takes waiting requests only when its batch is empty and decodes them
+    until all are done; requests that arrive meanwhile wait for the next batch. Through the
+    session (any mix of sampling settings), or for engines with only generate_multi(), up to
+    max_batch waiting rows with the same sampling settings.
+  - engines with neither, and max_batch 1: one request at a time.
 """
 
 import asyncio
