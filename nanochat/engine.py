@@ -331,6 +331,10 @@ class Session:
             k[:, :R, :T] = self.k
             v[:, :R, :T] = self.v
             prev[:R] = self.prev
+        if eng.compile and eng.device.type == "cuda":
+            from torch import _dynamo
+            for t in (k, v, prev):
+                _dynamo.mark_static_address(t)  # CUDA graphs then update the cache in place, not a copy of it
         self.k, self.v, self.prev = k, v, prev
 
     def _move(self, src, dst):
@@ -408,7 +412,8 @@ class Session:
         else:
             positions = [len(r.fed) for r in rows]
             span = _kv_len(max(positions), self.k.size(2))
-            pad = max(0, MIN_DECODE_ROWS - m)  # idle rows at position 0 of slots the prefill overwrites next
+            pad = 0 if m == 1 and not eng.batch_invariant else max(0, MIN_DECODE_ROWS - m)
+            # padding rows sit at position 0 of slots that are free or that this step's prefill overwrites
             ids = torch.tensor([r.pending for r in rows] + [0] * pad, dtype=torch.long, device=eng.device).view(-1, 1)
             pos = torch.tensor(positions + [0] * pad, dtype=torch.long, device=eng.device)
             logits = eng._decode_step(ids, pos, self.k, self.v, self.prev, span)[:m]
@@ -463,7 +468,9 @@ class Session:
 
 
 # CPU BLAS multiplies 1-3 rows with other kernels than 4 or more (whose results agree bit for bit
-# whatever the count): decoding at least 4 rows makes a row's numbers independent of the batch
+# whatever the count). Batches of 2-3 rows are padded to 4, so a row's numbers are the same in any
+# batch of 2 or more rows; a lone row uses the matrix-vector kernel, ~3x cheaper than 4 rows, and
+# differs in the last bits unless the engine is batch_invariant (then it is padded too)
 MIN_DECODE_ROWS = 4
 _BUCKET_MIN = 64  # smallest attention span a decode step reads; spans grow in powers of two
 _CACHE_ROUND = 256  # session caches grow in multiples of this many positions
@@ -514,9 +521,12 @@ class Engine:
     compiled (CUDA graphs) on CUDA; other models decode row by row. compile=None picks the
     default (the env var NANOCHAT_ENGINE_COMPILE=1|0 overrides); any failure to compile falls
     back to eager with a warning. prefix_cache_bytes bounds the store of reusable keys/values
-    (0 turns prefix reuse off)."""
+    (0 turns prefix reuse off). batch_invariant=True makes a row's numbers bit for bit the same
+    alone as in any batch (see MIN_DECODE_ROWS) at the price of a slower lone row; without it a
+    lone row may differ from its batched self in the last bits of its logits, which changes a
+    sampled token only when a draw falls within ~1e-7 of a boundary between two tokens."""
 
-    def __init__(self, model, tokenizer, compile=None, prefix_cache_bytes=256 << 20):
+    def __init__(self, model, tokenizer, compile=None, prefix_cache_bytes=256 << 20, batch_invariant=False):
         from nanochat.gpt import GPT
 
         self.model = model
@@ -526,7 +536,9 @@ class Engine:
         self.reference_contract = not isinstance(model, GPT)
         self.compile = (_compile_default(self.device) if compile is None else bool(compile)) and not self.reference_contract
         self._compiled = None
+        self.batch_invariant = batch_invariant
         self.prefix_store = PrefixStore(prefix_cache_bytes) if prefix_cache_bytes else None
+        self._linears = None
         self._weights = None  # compute-dtype copies of the matmul weights (see _refresh_weights)
         self._weight_versions = None
         special = tokenizer.encode_special
@@ -581,8 +593,12 @@ class Engine:
         Empty when the compute dtype is the masters' dtype (nothing to cast)."""
         if self.reference_contract or not isinstance(self.model, torch.nn.Module):
             return
-        linears = [(name + ".weight", m.weight) for name, m in self.model.named_modules()
-                   if isinstance(m, torch.nn.Linear) and m.weight.dtype != COMPUTE_DTYPE]
+        if self._linears is None:  # the masters wider than the compute dtype; the model's structure is fixed
+            self._linears = [(name + ".weight", m) for name, m in self.model.named_modules()
+                             if isinstance(m, torch.nn.Linear) and m.weight.dtype != COMPUTE_DTYPE]
+        if not self._linears:
+            return
+        linears = [(name, m.weight) for name, m in self._linears]
         versions = [(w.data_ptr(), w._version) for _, w in linears]
         if versions == self._weight_versions:
             return

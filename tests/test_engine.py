@@ -362,7 +362,7 @@ def test_decode_step_logits_of_a_row_do_not_depend_on_the_batch(tokenizer):
     the attention span."""
     from nanochat.engine import MIN_DECODE_ROWS
 
-    assert MIN_DECODE_ROWS == 4
+    assert MIN_DECODE_ROWS == 4  # what a lone row is padded to with batch_invariant=True
     model = build(n_head=4, n_kv_head=2, sequence_len=256)
     c = model.config
     prompts = [list(range(5, 25)), [7, 8, 9], list(range(40, 140)), [291, 3], [4, 5, 6]]
@@ -389,9 +389,10 @@ def test_decode_step_logits_of_a_row_do_not_depend_on_the_batch(tokenizer):
             assert torch.equal(logits, alone[0]) and torch.equal(k0, kk[:, 0]) and torch.equal(p0, pp[0])
 
 
-def test_session_rows_batched_or_joining_give_the_tokens_they_give_alone(tokenizer):
-    model = build(head_std=0.3)  # flat-ish logits: a numerical difference would change the draws
-    engine = Engine(model, tokenizer, compile=False)
+@pytest.mark.parametrize("batch_invariant", [False, True])
+def test_session_rows_batched_or_joining_give_the_tokens_they_give_alone(tokenizer, batch_invariant):
+    model = build(head_std=0.3)  # flat-ish logits: many tokens are likely
+    engine = Engine(model, tokenizer, compile=False, batch_invariant=batch_invariant)
     a, b, c = list(range(60, 77)), [291, 40, 41], [5]
     alone_a = sampled_alone(engine, a, seed=3, max_tokens=25)
     alone_b = [sampled_alone(engine, b, seed=10 + i, max_tokens=20, top_k=20) for i in range(2)]
