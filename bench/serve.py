@@ -2,7 +2,7 @@
 (nanochat.server under uvicorn) with a tiny random-init model, in three scheduling modes, plus the
 time to first token along one long multi-turn chat.
 
-    python -m bench.serve                                 # CPU: depth 2, 32 clients at 8/s, 32 tokens each
+    python -m bench.serve                                 # CPU: depth 2, 32 clients at 32/s, 32 tokens each
     python -m bench.serve --depth 4 --rate 20 --max-batch 16 --device cuda
 
 Modes (the same arrival times and seeds in each):
@@ -153,7 +153,7 @@ def main(argv=None):
     p.add_argument("--vocab", type=int, default=512)
     p.add_argument("--seq-len", type=int, default=2048, help="the model's context (the multi-turn chat must fit)")
     p.add_argument("--clients", type=int, default=32, help="requests, one per client")
-    p.add_argument("--rate", type=float, default=8.0, help="mean arrivals per second (Poisson)")
+    p.add_argument("--rate", type=float, default=32.0, help="mean arrivals per second (Poisson)")
     p.add_argument("--max-tokens", type=int, default=32)
     p.add_argument("--max-batch", type=int, default=16, help="rows per batch in the batching modes")
     p.add_argument("--turns", type=int, default=6)
