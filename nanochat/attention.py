@@ -299,8 +299,8 @@ def decode_attention(q, k, v, k_cache, v_cache, layer, pos, mask, enable_gqa=Non
     """Static-shape decode: one new token per row, each row at its own position. Made for
     torch.compile and CUDA graphs (no host sync, no data-dependent shapes).
 
-    q (B, 1, H, D), k/v (B, 1, Hkv, D). k_cache/v_cache are the whole caches (n_layer, B, T_max,
-    Hkv, D); row b's new key/value are written in place at [layer, b, pos[b]] (pos: int64 (B,)).
+    q (B, 1, H, D), k/v (B, 1, Hkv, D). k_cache/v_cache are the whole caches (n_layer, R, T_max,
+    Hkv, D) of R >= B rows, of which the first B decode; row b's new key/value are written in place at [layer, b, pos[b]] (pos: int64 (B,)).
     The write indexes the full tensor rather than a per-layer view, so the compiler updates the
     cache in place instead of copying it back every step. `mask` is a boolean (B, L) saying which
     of the first L cache slots each row may see (the caller builds it from pos and the layer's
@@ -314,7 +314,7 @@ def decode_attention(q, k, v, k_cache, v_cache, layer, pos, mask, enable_gqa=Non
     L = mask.size(1)
     if enable_gqa is None:
         enable_gqa = q.size(2) != k.size(2)
-    keys, values = k_cache[layer, :, :L], v_cache[layer, :, :L]
+    keys, values = k_cache[layer, :B, :L], v_cache[layer, :B, :L]
     y = F.scaled_dot_product_attention(q.transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2),
                                        attn_mask=mask[:, None, None, :], enable_gqa=enable_gqa)
     return y.transpose(1, 2)

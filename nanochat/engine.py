@@ -1,7 +1,13 @@
-"""Inference (SPEC §10): the KV cache, sampling, the tool-call state machine and the batched
-Engine with a static cache and a compiled single-token decode step.
+"""Inference: the KV cache, sampling (temperature, top_k, top_p), the calculator tool's state
+machine, a store of reusable prefixes, and the Engine with its sessions (a decode batch whose
+rows come and go between steps).
 
     engine = Engine(model, tokenizer)
+    sess = engine.session()
+    (row,) = sess.add(prompt_ids, max_tokens=64, temperature=0.8, seed=1)
+    while len(sess):
+        for row_id, token, mask, finished in sess.step():
+            ...
     for column, masks in engine.generate(prompt_ids, num_samples=4, max_tokens=64, temperature=0.8):
         ...                                     # one token (and its mask) per sample row
     results, masks = engine.generate_batch(prompt_ids, num_samples=4, max_tokens=64)
@@ -10,8 +16,10 @@ Engine with a static cache and a compiled single-token decode step.
 """
 
 import os
+import secrets
+import threading
 import warnings
-from collections import deque
+from collections import OrderedDict, deque
 
 import torch
 import torch.nn.functional as F
@@ -86,35 +94,64 @@ class KVCache:
 # Sampling
 
 
-def sample_next_token(logits, rng, temperature=1.0, top_k=None):
-    """One token id per row of fp32 logits (B, V) -> int64 (B,) (SPEC §10.2): temperature 0 is
-    argmax (top_k ignored); otherwise top_k (None or 0 = no filtering) before temperature, then
-    a multinomial draw from `rng`."""
+def _filter(logits, temperature, top_k, top_p):
+    """(probabilities (B, K), token ids (B, K) or None): top_k (None or 0 = off) before temperature,
+    then nucleus filtering: a token stays while the probability mass ranked above it is < top_p."""
+    V = logits.size(-1)
+    idx = None
+    if (top_k and 0 < top_k < V) or top_p < 1.0:
+        k = top_k if top_k and 0 < top_k < V else V
+        logits, idx = torch.topk(logits, k, dim=-1)  # sorted, largest first
+    probs = F.softmax(logits / temperature, dim=-1)
+    if top_p < 1.0:
+        above = probs.cumsum(dim=-1) - probs  # mass of the tokens ranked above each one
+        probs = probs.masked_fill(above >= top_p, 0.0)
+    return probs, idx
+
+
+def _draw(probs, uniforms):
+    """Inverse-CDF draw: the first index whose cumulative probability exceeds u * total. A token
+    of probability 0 is never drawn (its cumulative value equals its predecessor's)."""
+    cdf = probs.cumsum(dim=-1)
+    target = uniforms.unsqueeze(1) * cdf[:, -1:]
+    return torch.searchsorted(cdf, target, right=True).clamp_(max=probs.size(-1) - 1).squeeze(1)
+
+
+def sample_next_token(logits, rng, temperature=1.0, top_k=None, top_p=1.0):
+    """One token id per row of fp32 logits (B, V) -> int64 (B,): temperature 0 is argmax (top_k and
+    top_p ignored); otherwise top_k (None or 0 = no filtering) before temperature, then top_p
+    (nucleus: the smallest set of most likely tokens whose mass reaches top_p), then a
+    multinomial draw from `rng`."""
     if temperature == 0.0:
         return torch.argmax(logits, dim=-1)
-    if top_k is not None and 0 < top_k < logits.size(-1):
-        vals, idx = torch.topk(logits, top_k, dim=-1)
-        probs = F.softmax(vals / temperature, dim=-1)
-        choice = torch.multinomial(probs, num_samples=1, generator=rng)
-        return idx.gather(1, choice).squeeze(1)
-    probs = F.softmax(logits / temperature, dim=-1)
-    return torch.multinomial(probs, num_samples=1, generator=rng).squeeze(1)
+    if not 0.0 < top_p <= 1.0:
+        raise NanochatError(f"top_p must be in (0, 1], not {top_p}.")
+    probs, idx = _filter(logits, temperature, top_k, top_p)
+    choice = torch.multinomial(probs, num_samples=1, generator=rng)
+    return (choice if idx is None else idx.gather(1, choice)).squeeze(1)
 
 
-# -----------------------------------------------------------------------------
-# The tool-call state machine (one per row)
-
-
-class _RowState:
-    """Per row: tokens forced on it (a calculator result being spliced in), whether it is
-    inside a <|python_start|> ... <|python_end|> block and the expression tokens seen so far,
-    and whether it has finished."""
-
-    def __init__(self):
-        self.forced = deque()
-        self.in_python = False
-        self.expr = []
-        self.completed = False
+def _sample_rows(logits, rows):
+    """One token per row of logits (B, V), row i drawn with rows[i]'s settings and generator.
+    Rows with the same settings are sampled together; the draw of a row depends only on its own
+    logits, settings and generator, never on which other rows share the batch."""
+    out = [0] * len(rows)
+    groups = {}
+    for i, r in enumerate(rows):
+        groups.setdefault((r.temperature, r.top_k, r.top_p), []).append(i)
+    for (temperature, top_k, top_p), members in groups.items():
+        sub = logits if len(members) == len(rows) else logits[members]
+        if temperature == 0.0:
+            tokens = torch.argmax(sub, dim=-1)
+        else:
+            probs, idx = _filter(sub, temperature, top_k, top_p)
+            u = torch.cat([torch.rand(1, generator=rows[i].rng, device=logits.device) for i in members])
+            tokens = _draw(probs, u)
+            if idx is not None:
+                tokens = idx.gather(1, tokens.unsqueeze(1)).squeeze(1)
+        for i, t in zip(members, tokens.tolist()):
+            out[i] = t
+    return out
 
 
 def _use_calculator(expr):
@@ -124,25 +161,333 @@ def _use_calculator(expr):
 
 
 # -----------------------------------------------------------------------------
-# The engine
+# Prefix store: KV of token sequences already computed, for follow-up turns of a chat
 
 
-def _decode_step(model, weights, ids, decode):
-    """model.forward_decode, with the compute-dtype weight copies swapped in when there are any."""
-    if weights:
-        return torch.func.functional_call(model, weights, (ids,), {"decode": decode}, strict=False)
-    return model.forward_decode(ids, *decode)
+class PrefixStore:
+    """KV caches of token sequences, least recently used dropped first once they hold more than
+    max_bytes. A new row reuses the longest stored sequence that starts its prompt and prefills
+    only the rest (a follow-up chat turn reuses the whole conversation so far)."""
 
+    def __init__(self, max_bytes):
+        self.max_bytes = max_bytes
+        self.bytes = 0
+        self.entries = OrderedDict()  # tuple(tokens) -> (k, v, prev_embedding, nbytes)
+        self.lock = threading.Lock()  # sessions on several threads may share one engine
+        self.hits = 0
+
+    def put(self, tokens, k, v, prev):
+        """Store k/v (n_layer, len(tokens), Hkv, D) and the last pre-smear embedding (1, 1, C) or None."""
+        nbytes = k.nbytes + v.nbytes + (0 if prev is None else prev.nbytes)
+        if nbytes > self.max_bytes or not tokens:
+            return
+        key = tuple(tokens)
+        with self.lock:
+            old = self.entries.pop(key, None)
+            if old is not None:
+                self.bytes -= old[3]
+            self.entries[key] = (k, v, prev, nbytes)
+            self.bytes += nbytes
+            while self.bytes > self.max_bytes:
+                _, dropped = self.entries.popitem(last=False)
+                self.bytes -= dropped[3]
+
+    def longest(self, tokens, limit):
+        """The longest stored sequence that is a prefix of tokens and at most `limit` long:
+        (length, k, v, prev), or None."""
+        best = None
+        with self.lock:
+            for key in self.entries:
+                n = len(key)
+                if n <= limit and (best is None or n > len(best)) and tuple(tokens[:n]) == key:
+                    best = key
+            if best is None:
+                return None
+            self.entries.move_to_end(best)
+            self.hits += 1
+            k, v, prev, _ = self.entries[best]
+        return len(best), k, v, prev
+
+    def clear(self):
+        with self.lock:
+            self.entries.clear()
+            self.bytes = 0
+
+
+# -----------------------------------------------------------------------------
+# Session: a decode batch whose rows come and go between steps
+
+
+class _Row:
+    """One sequence being generated: its settings and generator, the tokens whose keys/values are
+    cached (`fed`), the token to feed at the next step, and the tool-call state machine (tokens
+    forced on it while a calculator result is spliced in; the expression inside a python block)."""
+
+    def __init__(self, row_id, tokens, limit, temperature, top_k, top_p, seed, keep, device):
+        self.id = row_id
+        self.prompt = tokens
+        self.fed = []  # tokens whose keys/values are in the cache (prompt included once prefilled)
+        self.pending = None  # token to feed at the next step (None: the prompt still needs a prefill)
+        self.logits = None  # (1, V) logits after a prefill, sampled from at this step
+        self.limit = limit
+        self.count = 0
+        self.temperature, self.top_k, self.top_p, self.keep = temperature, top_k, top_p, keep
+        self.rng = torch.Generator(device=device)
+        self.rng.manual_seed(seed)
+        self.forced = deque()
+        self.in_python = False
+        self.expr = []
+        self.prev = None  # pre-smear embedding after the fed tokens (reference-contract models only)
+
+
+class Session:
+    """A decode batch whose rows come and go between steps (continuous batching).
+
+        sess = engine.session()
+        a, = sess.add(prompt, max_tokens=64, seed=1)
+        while len(sess):
+            for row_id, token, mask, finished in sess.step():
+                ...
+
+    step() prefills the rows added since the last step (each alone, reusing stored prefixes),
+    decodes the rows that continue in one batch, then samples one token for every active row.
+    Rows live in the first slots of one cache (a finishing row's slot is refilled by moving the
+    last row), so the decode batch is exactly the active rows. A row's tokens do not depend on
+    the rows it shares the batch with: it has its own generator and every step computes each row
+    with the same operations whatever the batch holds (the tests check this exactly)."""
+
+    def __init__(self, engine, max_rows=None):
+        self.engine = engine
+        self.max_rows = max_rows
+        self.rows = []  # slot order: rows[i] lives in cache slot i
+        self.next_id = 0
+        self.k = self.v = self.prev = None  # (n_layer, R, T, Hkv, D), (R, 1, C): grown on demand
+
+    def __len__(self):
+        return len(self.rows)
+
+    @property
+    def active(self):
+        """Ids of the rows still generating."""
+        return [r.id for r in self.rows]
+
+    def add(self, tokens, n=1, max_tokens=None, temperature=1.0, top_k=None, top_p=1.0, seed=None, keep=False):
+        """Add n rows sampling from one prompt; they join at the next step. Row i draws from a
+        generator seeded with seed + i (a random seed when None), so a row gives the same tokens
+        as add(tokens, seed=seed + i) alone. max_tokens (forced tool tokens included) is capped
+        by the model's context. keep=True stores the row's keys/values when it finishes, for a
+        follow-up turn to reuse. Returns the new rows' ids."""
+        eng = self.engine
+        eng._check_prompt(tokens)
+        if temperature < 0:
+            raise NanochatError(f"temperature must be >= 0, not {temperature}.")
+        if not 0.0 < top_p <= 1.0:
+            raise NanochatError(f"top_p must be in (0, 1], not {top_p}.")
+        if n < 1:
+            raise NanochatError(f"n must be at least 1, not {n}.")
+        if max_tokens is not None and max_tokens < 1:
+            raise NanochatError(f"max_tokens must be at least 1, not {max_tokens}.")
+        if self.max_rows is not None and len(self.rows) + n > self.max_rows:
+            raise NanochatError(f"the session holds {len(self.rows)} of at most {self.max_rows} rows; "
+                                f"wait for rows to finish before adding {n} more.")
+        room = eng.seq_len - len(tokens)
+        limit = room if max_tokens is None else min(max_tokens, room)
+        if seed is None:
+            seed = secrets.randbelow(2**62)
+        ids = []
+        for i in range(n):
+            row = _Row(self.next_id, list(tokens), limit, float(temperature), top_k or None, float(top_p), seed + i,
+                       keep, eng.device)
+            self.next_id += 1
+            self.rows.append(row)
+            ids.append(row.id)
+        return ids
+
+    @torch.inference_mode()
+    def cancel(self, row_id):
+        """Drop a row now; it yields nothing more. Unknown or finished ids are ignored."""
+        self._remove({r.id for r in self.rows if r.id == row_id})
+
+    def close(self):
+        self.rows = []
+        self.k = self.v = self.prev = None
+
+    # --- the step ------------------------------------------------------------------
+
+    def _reserve(self, rows, length):
+        """Make the cache hold at least `rows` rows of `length` positions, keeping what it holds."""
+        eng = self.engine
+        R, T = (0, 0) if self.k is None else (self.k.size(1), self.k.size(2))
+        if rows <= R and length <= T:
+            return
+        R2 = max(rows, min(2 * R, self.max_rows or 2 * R), 1)
+        T2 = max(T, min(eng.seq_len, -(-length // _CACHE_ROUND) * _CACHE_ROUND))
+        c = eng.model.config
+        shape = (c.n_layer, R2, T2, c.n_kv_head, c.n_embd // c.n_head)
+        k = torch.zeros(shape, device=eng.device, dtype=COMPUTE_DTYPE)
+        v = torch.zeros(shape, device=eng.device, dtype=COMPUTE_DTYPE)
+        prev = torch.zeros(R2, 1, c.n_embd, device=eng.device, dtype=COMPUTE_DTYPE)
+        if self.k is not None:
+            k[:, :R, :T] = self.k
+            v[:, :R, :T] = self.v
+            prev[:R] = self.prev
+        if eng.compile and eng.device.type == "cuda":
+            from torch import _dynamo
+            for t in (k, v, prev):
+                _dynamo.mark_static_address(t)  # CUDA graphs then update the cache in place, not a copy of it
+        self.k, self.v, self.prev = k, v, prev
+
+    def _move(self, src, dst):
+        n = len(self.rows[src].fed)
+        self.k[:, dst, :n] = self.k[:, src, :n]
+        self.v[:, dst, :n] = self.v[:, src, :n]
+        self.prev[dst] = self.prev[src]
+
+    def _remove(self, ids):
+        """Drop rows and compact: the rows that remain keep their order in the first slots."""
+        if not ids:
+            return
+        kept = []
+        for slot, r in enumerate(self.rows):
+            if r.id in ids:
+                continue
+            if r.fed and slot != len(kept):
+                self._move(slot, len(kept))  # len(kept) < slot: a slot already vacated
+            kept.append(r)
+        self.rows = kept
+
+    def _order(self):
+        """Continuing rows first (they decode as one batch in slots [0, m)), new rows after."""
+        order = sorted(range(len(self.rows)), key=lambda i: self.rows[i].pending is None)
+        if order == list(range(len(self.rows))):
+            return
+        rows = [self.rows[i] for i in order]
+        for dst, src in enumerate(order):  # a continuing row only moves to a lower slot
+            if rows[dst].pending is not None and src != dst:
+                self._move(src, dst)
+        self.rows = rows
+
+    def _prefill(self, slot, row, done):
+        """Fill `slot` with row's prompt: copied from a row prefilled this step with the same
+        prompt, or from the longest stored prefix plus a forward over the rest."""
+        eng = self.engine
+        key = tuple(row.prompt)
+        T = len(row.prompt)
+        if key in done:
+            src = done[key]
+            self.k[:, slot, :T] = self.k[:, src, :T]
+            self.v[:, slot, :T] = self.v[:, src, :T]
+            self.prev[slot] = self.prev[src]
+            other = self.rows[src]
+            row.logits, row.prev, row.fed = other.logits, other.prev, list(row.prompt)
+            return
+        start, prev = 0, None
+        hit = eng.prefix_store.longest(row.prompt, T - 1) if eng.prefix_store else None
+        if hit is not None:
+            start, k, v, prev = hit
+            self.k[:, slot, :start] = k
+            self.v[:, slot, :start] = v
+        cache = KVCache.from_tensors(self.k[:, slot:slot + 1], self.v[:, slot:slot + 1], pos=start, prev_embedding=prev)
+        ids = torch.tensor([row.prompt[start:]], dtype=torch.long, device=eng.device)
+        row.logits = eng._forward(ids, cache)[:, -1, :]
+        row.prev = cache.prev_embedding
+        if row.prev is not None:
+            self.prev[slot] = row.prev[0]
+        row.fed = list(row.prompt)
+        done[key] = slot
+
+    def _decode(self, rows):
+        """Feed each row its pending token; logits (m, V) for rows in slots [0, m)."""
+        eng = self.engine
+        m = len(rows)
+        if eng.reference_contract:  # the slow path: one forward per row through its own cache view
+            out = []
+            ids = torch.tensor([r.pending for r in rows], dtype=torch.long, device=eng.device).view(m, 1)
+            for slot, r in enumerate(rows):
+                cache = KVCache.from_tensors(self.k[:, slot:slot + 1], self.v[:, slot:slot + 1], pos=len(r.fed),
+                                             prev_embedding=r.prev)
+                out.append(eng._forward(ids[slot:slot + 1], cache)[:, -1, :])
+                r.prev = cache.prev_embedding
+            logits = torch.cat(out)
+        else:
+            positions = [len(r.fed) for r in rows]
+            span = _kv_len(max(positions), self.k.size(2))
+            pad = 0 if m == 1 and not eng.batch_invariant else max(0, MIN_DECODE_ROWS - m)
+            # padding rows sit at position 0 of slots that are free or that this step's prefill overwrites
+            ids = torch.tensor([r.pending for r in rows] + [0] * pad, dtype=torch.long, device=eng.device).view(-1, 1)
+            pos = torch.tensor(positions + [0] * pad, dtype=torch.long, device=eng.device)
+            logits = eng._decode_step(ids, pos, self.k, self.v, self.prev, span)[:m]
+        for r in rows:
+            r.fed.append(r.pending)
+            r.pending = None
+        return logits
+
+    @torch.inference_mode()
+    def step(self):
+        """Prefill the new rows, decode the others, sample one token for every row. Returns
+        [(row_id, token, mask, finished)]: mask 1 for a sampled token, 0 for a forced tool token;
+        finished on <|assistant_end|> or <|bos|> (the token is reported) or at the row's limit."""
+        if not self.rows:
+            return []
+        eng = self.engine
+        eng._refresh_weights()
+        self._order()
+        cont = [r for r in self.rows if r.pending is not None]
+        need = max([len(r.fed) + 1 for r in cont] + [len(r.prompt) for r in self.rows])
+        self._reserve(max(len(self.rows), MIN_DECODE_ROWS), need)
+        parts = []
+        if cont:
+            parts.append(self._decode(cont))
+        done = {}
+        for slot in range(len(cont), len(self.rows)):
+            self._prefill(slot, self.rows[slot], done)
+            parts.append(self.rows[slot].logits)
+        logits = parts[0] if len(parts) == 1 else torch.cat(parts)
+        sampled = _sample_rows(logits, self.rows)
+        events, finished = [], set()
+        for r, s in zip(self.rows, sampled):
+            r.logits = None
+            token, mask = eng._advance_tools(r, s)
+            r.count += 1
+            end = token in eng.terminal or r.count >= r.limit
+            events.append((r.id, token, mask, end))
+            if end:
+                finished.add(r.id)
+                if r.keep and eng.prefix_store is not None:
+                    self._store(r)
+            else:
+                r.pending = token
+        self._remove(finished)
+        return events
+
+    def _store(self, row):
+        slot = self.rows.index(row)
+        n = len(row.fed)
+        prev = row.prev if self.engine.reference_contract else self.prev[slot:slot + 1].clone()
+        self.engine.prefix_store.put(row.fed, self.k[:, slot, :n].clone(), self.v[:, slot, :n].clone(), prev)
+
+
+# CPU BLAS multiplies 1-3 rows with other kernels than 4 or more (whose results agree bit for bit
+# whatever the count). Batches of 2-3 rows are padded to 4, so a row's numbers are the same in any
+# batch of 2 or more rows; a lone row uses the matrix-vector kernel, ~3x cheaper than 4 rows, and
+# differs in the last bits unless the engine is batch_invariant (then it is padded too)
+MIN_DECODE_ROWS = 4
 _BUCKET_MIN = 64  # smallest attention span a decode step reads; spans grow in powers of two
-_KEEP_CACHES = 4  # decode caches kept between calls (each is batch x context x layers)
-_CACHE_ROUND = 256  # decode caches are allocated in multiples of this (reused while they fit)
+_CACHE_ROUND = 256  # session caches grow in multiples of this many positions
+
+
+def _kv_len(max_pos, capacity):
+    """Attention span for a step whose furthest row sits at max_pos: a power of two >= max_pos + 1."""
+    span = _BUCKET_MIN
+    while span < max_pos + 1:
+        span *= 2
+    return min(span, capacity)
 
 
 def _compile_default(device):
     """NANOCHAT_ENGINE_COMPILE=1|0 forces compiling the decode step either way. By default it is
-    compiled on CUDA (with CUDA graphs), where it costs seconds and pays back at once; on CPU
-    the compile takes 10-30 s of the first call, which only long runs (benchmarks, RL on CPU)
-    win back, so there it is opt-in (Engine(..., compile=True) or the env var)."""
+    compiled on CUDA (with CUDA graphs), where it costs seconds and pays back at once; on CPU the
+    eager step is lean enough and a compile would stall the first request, so it is opt-in."""
     env = os.environ.get("NANOCHAT_ENGINE_COMPILE", "").strip()
     if env in ("0", "1"):
         return env == "1"
@@ -151,27 +496,49 @@ def _compile_default(device):
     return device.type == "cuda"
 
 
+def _step_fn(model, weights, ids, step):
+    """The decode step: our model's forward on a DecodeStep, with the compute-dtype weight copies
+    swapped in when there are any."""
+    if weights:
+        return torch.func.functional_call(model, weights, (ids,), {"kv_cache": step}, strict=False)
+    return model(ids, kv_cache=step)
+
+
+def _device_of(model):
+    if hasattr(model, "get_device"):
+        return torch.device(model.get_device())
+    params = list(model.parameters()) if hasattr(model, "parameters") else []
+    return params[0].device if params else torch.device("cpu")
+
+
 class Engine:
-    """Batched generation from one prompt (generate, generate_batch) or several prompts of
-    different lengths (generate_multi), with a static KV cache and a compiled single-token
-    decode step (SPEC §10.2).
+    """Generation with a KV cache, sampling and the calculator tool: sessions (continuous
+    batching: rows join and leave between steps), and on top of them generate (one prompt, n
+    samples, streamed), generate_batch (the same, collected) and generate_multi (several prompts).
 
-    Speed comes from doing no per-token work that scales with the vocabulary or the cache:
-    the decode step (model.forward_decode) has static shapes, writes the cache in place and
-    reads only a power-of-two bucket of it, so torch.compile turns it into one graph (CUDA:
-    replayed as a CUDA graph); sampling is a handful of tensor ops; per token the host only
-    moves B token ids. compile=None picks the default (compiled on CUDA, eager on CPU; the env var
-    NANOCHAT_ENGINE_COMPILE=1|0 overrides); compile=False runs the same step eagerly, and any
-    failure to compile falls back to it with a warning."""
+    Any model with forward(ids, kv_cache=KVCache) works; for nanochat's GPT the decode step runs
+    every row at its own position in one batch (a DecodeStep), eagerly by default on CPU and
+    compiled (CUDA graphs) on CUDA; other models decode row by row. compile=None picks the
+    default (the env var NANOCHAT_ENGINE_COMPILE=1|0 overrides); any failure to compile falls
+    back to eager with a warning. prefix_cache_bytes bounds the store of reusable keys/values
+    (0 turns prefix reuse off). batch_invariant=True makes a row's numbers bit for bit the same
+    alone as in any batch (see MIN_DECODE_ROWS) at the price of a slower lone row; without it a
+    lone row may differ from its batched self in the last bits of its logits, which changes a
+    sampled token only when a draw falls within ~1e-7 of a boundary between two tokens."""
 
-    def __init__(self, model, tokenizer, compile=None):
+    def __init__(self, model, tokenizer, compile=None, prefix_cache_bytes=256 << 20, batch_invariant=False):
+        from nanochat.gpt import GPT
+
         self.model = model
         self.tokenizer = tokenizer
-        self.device = model.get_device()
-        self.compile = _compile_default(self.device) if compile is None else bool(compile)
-        self._decode_fn = None
-        self._caches = {}  # batch size -> KVCache reused across calls (stable addresses for CUDA graphs)
-        self._busy = set()  # ids of decode caches held by running generations
+        self.device = _device_of(model)
+        self.seq_len = model.config.sequence_len
+        self.reference_contract = not isinstance(model, GPT)
+        self.compile = (_compile_default(self.device) if compile is None else bool(compile)) and not self.reference_contract
+        self._compiled = None
+        self.batch_invariant = batch_invariant
+        self.prefix_store = PrefixStore(prefix_cache_bytes) if prefix_cache_bytes else None
+        self._linears = None
         self._weights = None  # compute-dtype copies of the matmul weights (see _refresh_weights)
         self._weight_versions = None
         special = tokenizer.encode_special
@@ -181,6 +548,10 @@ class Engine:
         self.python_end = special("<|python_end|>")
         self.output_start = special("<|output_start|>")
         self.output_end = special("<|output_end|>")
+        self.terminal = (self.assistant_end, self.bos)
+
+    def session(self, max_rows=None):
+        return Session(self, max_rows)
 
     # --- pieces --------------------------------------------------------------------
 
@@ -189,59 +560,45 @@ class Engine:
             raise NanochatError("the prompt must be a list of token ids (ints); encode the text with the tokenizer first.")
         if len(tokens) == 0:
             raise NanochatError("the prompt is empty; give at least one token (a chat prompt starts with <|bos|>).")
-        seq_len = self.model.config.sequence_len
-        if len(tokens) >= seq_len:
-            raise NanochatError(f"the prompt has {len(tokens)} tokens but the model's context is {seq_len}, which "
+        if len(tokens) >= self.seq_len:
+            raise NanochatError(f"the prompt has {len(tokens)} tokens but the model's context is {self.seq_len}, which "
                                 f"leaves no room to generate; shorten the prompt or drop old turns.")
 
-    def _prefill(self, tokens):
-        """Run the prompt once at batch 1: (last-position logits (1, V), its batch-1 KVCache)."""
-        c = self.model.config
-        cache = KVCache(1, c.n_kv_head, len(tokens), c.n_embd // c.n_head, c.n_layer, self.device, COMPUTE_DTYPE)
-        ids = torch.tensor([tokens], dtype=torch.long, device=self.device)
-        logits = self.model.forward(ids, kv_cache=cache)
-        return logits[:, -1, :], cache
+    def _forward(self, ids, cache):
+        if self._weights:
+            return torch.func.functional_call(self.model, self._weights, (ids,), {"kv_cache": cache}, strict=False)
+        return self.model.forward(ids, kv_cache=cache)
 
-    def _decode_cache(self, batch_size, needed):
-        """A (batch_size, >= needed) decode cache, reused across calls while it fits. A cache held
-        by a generation still running (two generators open on one engine) is never handed out
-        twice: the second gets a private one."""
-        cache = self._caches.pop(batch_size, None)  # re-inserted below: the dict's order is recency
-        if cache is not None and id(cache) in self._busy:
-            self._caches[batch_size] = cache
-            return self._new_cache(batch_size, needed, static=False)
-        if cache is None or cache.max_seq_len < needed:
-            cache = self._new_cache(batch_size, needed, static=True)
-        self._caches[batch_size] = cache
-        # a server sees many batch sizes: keep the few most recently used caches, not one per size forever
-        for size in [b for b, c in self._caches.items() if id(c) not in self._busy][:-_KEEP_CACHES]:
-            del self._caches[size]
-        return cache
+    def _decode_step(self, ids, pos, k, v, prev, kv_len):
+        from nanochat.gpt import DecodeStep
 
-    def _new_cache(self, batch_size, needed, static):
-        c = self.model.config
-        capacity = min(c.sequence_len, -(-needed // _CACHE_ROUND) * _CACHE_ROUND)
-        cache = KVCache(batch_size, c.n_kv_head, capacity, c.n_embd // c.n_head, c.n_layer, self.device, COMPUTE_DTYPE)
-        cache.prev_embedding = torch.zeros(batch_size, 1, c.n_embd, device=self.device, dtype=COMPUTE_DTYPE)
-        if static and self.compile and self.device.type == "cuda":
-            from torch import _dynamo
-            for t in (cache.k_cache, cache.v_cache, cache.prev_embedding):
-                _dynamo.mark_static_address(t)  # CUDA graphs may then update them in place
-        return cache
-
-    def release(self):
-        """Free the decode caches (they are otherwise kept for the next call)."""
-        self._caches.clear()
+        step = DecodeStep(k, v, prev, pos, kv_len)
+        if self.compile:
+            if self._compiled is None:
+                from torch import _dynamo
+                _dynamo.config.cache_size_limit = max(_dynamo.config.cache_size_limit, 64)
+                mode = "reduce-overhead" if self.device.type == "cuda" else None  # CUDA graphs
+                self._compiled = torch.compile(_step_fn, mode=mode)
+            try:
+                return self._compiled(self.model, self._weights, ids, step)[:, -1, :]
+            except Exception as e:  # no compiler toolchain, an unsupported op ...: the same math, eagerly
+                warnings.warn(f"compiling the decode step failed ({type(e).__name__}: {e}); decoding eagerly", stacklevel=2)
+                self.compile = False
+        return _step_fn(self.model, self._weights, ids, step)[:, -1, :]
 
     def _refresh_weights(self):
         """Copies of the matmul weights in the compute dtype, made once and refreshed only when a
         master changed (RL updates the model between rollouts). Without them every decode step
         would cast every fp32 master to bf16 again: 3x the weight traffic of a memory-bound step.
         Empty when the compute dtype is the masters' dtype (nothing to cast)."""
-        if not isinstance(self.model, torch.nn.Module):
+        if self.reference_contract or not isinstance(self.model, torch.nn.Module):
             return
-        linears = [(name + ".weight", m.weight) for name, m in self.model.named_modules()
-                   if isinstance(m, torch.nn.Linear) and m.weight.dtype != COMPUTE_DTYPE]
+        if self._linears is None:  # the masters wider than the compute dtype; the model's structure is fixed
+            self._linears = [(name + ".weight", m) for name, m in self.model.named_modules()
+                             if isinstance(m, torch.nn.Linear) and m.weight.dtype != COMPUTE_DTYPE]
+        if not self._linears:
+            return
+        linears = [(name, m.weight) for name, m in self._linears]
         versions = [(w.data_ptr(), w._version) for _, w in linears]
         if versions == self._weight_versions:
             return
@@ -250,47 +607,14 @@ class Engine:
                 self._weights[name].copy_(w.detach())  # in place: CUDA graphs keep their addresses
         else:
             self._weights = {name: w.detach().to(COMPUTE_DTYPE) for name, w in linears}
-            if self.compile and self.device.type == "cuda":
-                from torch import _dynamo
-                for t in self._weights.values():
-                    _dynamo.mark_static_address(t)
         self._weight_versions = versions
 
-    def _decode(self, ids, pos, cache, kv_len):
-        decode = (pos, cache.k_cache, cache.v_cache, cache.prev_embedding, kv_len)
-        if self.compile:
-            if self._decode_fn is None:
-                from torch import _dynamo
-                _dynamo.config.cache_size_limit = max(_dynamo.config.cache_size_limit, 64)
-                if self.device.type == "cuda":
-                    self._decode_fn = torch.compile(_decode_step, mode="reduce-overhead")  # CUDA graphs
-                else:
-                    # one token's elementwise work is far too small to split over threads: an OpenMP
-                    # barrier per kernel costs more than the kernel (and stalls on a busy core);
-                    # the matmuls still use torch's threads
-                    self._decode_fn = torch.compile(_decode_step, options={"cpp.threads": 1})
-            try:
-                return self._decode_fn(self.model, self._weights, ids, decode)
-            except Exception as e:  # no compiler toolchain, an unsupported op ...: the same math, eagerly
-                warnings.warn(f"compiling the decode step failed ({type(e).__name__}: {e}); decoding eagerly", stacklevel=2)
-                self.compile = False
-        return _decode_step(self.model, self._weights, ids, decode)
-
-    def _kv_len(self, max_pos, capacity):
-        """Attention span for a step whose furthest row sits at max_pos: a power of two >= max_pos + 1."""
-        span = _BUCKET_MIN
-        while span < max_pos + 1:
-            span *= 2
-        return min(span, capacity)
-
-    def _step_row(self, row, sampled):
+    def _advance_tools(self, row, sampled):
         """Apply forced tokens and the tool state machine to one row: (token, mask)."""
         if row.forced:
             token, mask = row.forced.popleft(), 0
         else:
             token, mask = sampled, 1
-        if token == self.assistant_end or token == self.bos:
-            row.completed = True
         if token == self.python_start:
             row.in_python, row.expr = True, []
         elif token == self.python_end and row.in_python:
@@ -306,62 +630,55 @@ class Engine:
             row.expr.append(token)
         return token, mask
 
-    # --- public API ------------------------------------------------------------------
+    def release(self):
+        """Forget the stored prefixes."""
+        if self.prefix_store is not None:
+            self.prefix_store.clear()
 
     @torch.inference_mode()
-    def generate(self, tokens, num_samples=1, max_tokens=None, temperature=1.0, top_k=None, seed=42):
+    def warmup(self):
+        """Run prefill, batched decode and sampling once, so the first request pays no one-time
+        costs (allocator, a compile when enabled). A server calls it before it says it is ready."""
+        store, self.prefix_store = self.prefix_store, None
+        try:
+            sess = self.session()
+            sess.add([0, 1], n=2, max_tokens=3, temperature=1.0, top_k=5, top_p=0.9, seed=0)
+            while len(sess):
+                sess.step()
+        finally:
+            self.prefix_store = store
+
+    # --- public API ------------------------------------------------------------------
+
+    def generate(self, tokens, num_samples=1, max_tokens=None, temperature=1.0, top_k=None, top_p=1.0, seed=42):
         """Yield (token_column, token_masks), one entry per sample row, until every row has
         emitted <|assistant_end|> or <|bos|>, max_tokens tokens were produced (forced tool
-        tokens included), or the model's context is full (SPEC §10.2). The prompt is run once
-        at batch 1; its last logits are expanded so every row draws its own first token."""
+        tokens included), or the model's context is full. Row i samples with seed + i. A row that
+        has finished repeats its terminal token (mask 0) while the others go on."""
         self._check_prompt(tokens)
-        if temperature < 0:
-            raise NanochatError(f"temperature must be >= 0, not {temperature}.")
         if num_samples < 1:
             raise NanochatError(f"num_samples must be at least 1, not {num_samples}.")
-        seq_len = self.model.config.sequence_len
-        T = len(tokens)
-        limit = seq_len - T if max_tokens is None else min(max_tokens, seq_len - T)  # never past the context
-        if limit <= 0:
+        if max_tokens is not None and max_tokens <= 0:
             return
-        rng = torch.Generator(device=self.device)
-        rng.manual_seed(seed)
-        self._refresh_weights()
-        logits, prefill_cache = self._prefill(list(tokens))
-        logits = logits.expand(num_samples, -1)
-        B = num_samples
-        rows = [_RowState() for _ in range(B)]
-        cache = None
-        if limit > 1:
-            cache = self._decode_cache(B, T + limit - 1)
-            self._busy.add(id(cache))
-            cache.k_cache[:, :, :T] = prefill_cache.k_cache[:, :, :T]  # broadcast over the rows
-            cache.v_cache[:, :, :T] = prefill_cache.v_cache[:, :, :T]
-            cache.prev_embedding.copy_(prefill_cache.prev_embedding.expand(B, -1, -1))
-            pos = torch.full((B,), T, dtype=torch.long, device=self.device)
-        del prefill_cache
+        sess = self.session()
+        ids = sess.add(list(tokens), n=num_samples, max_tokens=max_tokens, temperature=temperature, top_k=top_k,
+                       top_p=top_p, seed=seed)
+        slot = {rid: i for i, rid in enumerate(ids)}
+        last = [None] * num_samples
         try:
-            for step in range(limit):
-                sampled = sample_next_token(logits, rng, temperature, top_k).tolist()
-                column, masks = [], []
-                for row, s in zip(rows, sampled):
-                    token, mask = self._step_row(row, s)
-                    column.append(token)
-                    masks.append(mask)
+            while len(sess):
+                column, masks = list(last), [0] * num_samples
+                for rid, token, mask, _ in sess.step():
+                    column[slot[rid]], masks[slot[rid]] = token, mask
+                    last[slot[rid]] = token
                 yield column, masks
-                if step == limit - 1 or all(r.completed for r in rows):
-                    break
-                ids = torch.tensor(column, dtype=torch.long, device=self.device).view(B, 1)
-                logits = self._decode(ids, pos, cache, self._kv_len(T + step, cache.max_seq_len))
-                pos += 1
         finally:
-            self._busy.discard(id(cache))
+            sess.close()
 
     def generate_batch(self, tokens, num_samples=1, **kwargs):
         """Non-streaming generate: (results, masks), each a list of num_samples lists holding the
         prompt then the generated tokens, without the terminal token; masks are 0 on the prompt
         and on forced tool tokens, 1 on sampled tokens."""
-        terminal = (self.assistant_end, self.bos)
         results = [list(tokens) for _ in range(num_samples)]
         masks = [[0] * len(tokens) for _ in range(num_samples)]
         done = [False] * num_samples
@@ -369,7 +686,7 @@ class Engine:
             for i, (token, mask) in enumerate(zip(column, column_masks)):
                 if done[i]:
                     continue
-                if token in terminal:
+                if token in self.terminal:
                     done[i] = True
                 else:
                     results[i].append(token)
@@ -378,90 +695,35 @@ class Engine:
                 break
         return results, masks
 
-    @torch.inference_mode()
-    def generate_multi(self, prompts, max_tokens=None, temperature=1.0, top_k=None, seeds=None):
-        """Decode several different prompts (of different lengths) together, one row each.
-        Each prompt is prefilled alone and copied into its row of a shared cache; rows then
-        decode together at their own positions and stop independently. Every row samples from
-        its own generator (seeds[i], default 42), so a row's tokens are those generate() gives
-        for that prompt alone. Yields (token_column, token_masks) with None for rows that have
-        already finished."""
+    def generate_multi(self, prompts, max_tokens=None, temperature=1.0, top_k=None, top_p=1.0, seeds=None):
+        """Decode several prompts (of any lengths) together, one row each, rows stopping
+        independently. Row i samples with seeds[i] (default 42), so its tokens are those
+        generate() gives for that prompt alone. Yields (token_column, token_masks) with None for
+        rows that have finished."""
         if not prompts:
             raise NanochatError("generate_multi needs at least one prompt.")
         for p in prompts:
             self._check_prompt(p)
-        if temperature < 0:
-            raise NanochatError(f"temperature must be >= 0, not {temperature}.")
         B = len(prompts)
         seeds = [42] * B if seeds is None else list(seeds)
         if len(seeds) != B:
             raise NanochatError(f"got {len(seeds)} seeds for {B} prompts; give one seed per prompt.")
-        seq_len = self.model.config.sequence_len
-        lengths = [len(p) for p in prompts]
-        limits = [seq_len - n if max_tokens is None else min(max_tokens, seq_len - n) for n in lengths]
-        rngs = []
-        for s in seeds:
-            g = torch.Generator(device=self.device)
-            g.manual_seed(s)
-            rngs.append(g)
-        self._refresh_weights()
-        cache = self._decode_cache(B, max(n + lim - 1 for n, lim in zip(lengths, limits)))
-        first_logits, prefilled = [], {}
-        for b, p in enumerate(prompts):
-            key = tuple(p)
-            if key not in prefilled:  # rows that share a prompt (n samples of one request) prefill it once
-                prefilled[key] = self._prefill(list(p))
-            logits, pc = prefilled[key]
-            n = len(p)
-            cache.k_cache[:, b, :n] = pc.k_cache[:, 0, :n]
-            cache.v_cache[:, b, :n] = pc.v_cache[:, 0, :n]
-            cache.prev_embedding[b] = pc.prev_embedding[0]
-            first_logits.append(logits)
-        logits = torch.cat(first_logits, dim=0)
-        del first_logits, prefilled
-        self._busy.add(id(cache))
+        if max_tokens is not None and max_tokens <= 0:
+            return
+        sess = self.session()
+        slot = {}
+        for i, (p, s) in enumerate(zip(prompts, seeds)):
+            (rid,) = sess.add(list(p), max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=s)
+            slot[rid] = i
         try:
-            rows = [_RowState() for _ in range(B)]
-            finished = [lim <= 0 for lim in limits]
-            count = [0] * B
-            positions = list(lengths)  # position of each row's next input token
-            while not all(finished):
-                if temperature == 0.0:
-                    sampled = torch.argmax(logits, dim=-1).tolist()
-                else:
-                    sampled = [int(sample_next_token(logits[b:b + 1], rngs[b], temperature, top_k)) if not finished[b] else 0
-                               for b in range(B)]
-                column, masks, inputs = [], [], []
-                for b in range(B):
-                    if finished[b]:
-                        column.append(None)
-                        masks.append(None)
-                        inputs.append(0)
-                        continue
-                    token, mask = self._step_row(rows[b], sampled[b])
-                    column.append(token)
-                    masks.append(mask)
-                    inputs.append(token)
-                    count[b] += 1
-                    if rows[b].completed or count[b] >= limits[b]:
-                        finished[b] = True
+            while len(sess):
+                column, masks = [None] * B, [None] * B
+                for rid, token, mask, _ in sess.step():
+                    column[slot[rid]], masks[slot[rid]] = token, mask
                 yield column, masks
-                if all(finished):
-                    break
-                # finished rows keep a frozen, in-range position: their writes land on their own dead slot
-                pos_list = []
-                for b in range(B):
-                    if not finished[b]:
-                        pos_list.append(positions[b])
-                        positions[b] += 1
-                    else:
-                        pos_list.append(min(positions[b], cache.max_seq_len - 1))
-                ids = torch.tensor(inputs, dtype=torch.long, device=self.device).view(B, 1)
-                pos = torch.tensor(pos_list, dtype=torch.long, device=self.device)
-                logits = self._decode(ids, pos, cache, self._kv_len(max(pos_list), cache.max_seq_len))
-
         finally:
-            self._busy.discard(id(cache))
+            sess.close()
+
 
 def main(argv=None):
     """Greedy decoding of a prompt by the naive full-forward sampler and by the Engine (eager

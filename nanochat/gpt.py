@@ -293,9 +293,9 @@ class CausalSelfAttention(nn.Module):
         k = norm(apply_rotary_emb(k, cos, sin)) * QK_SCALE
         if kv_cache is None:
             y = flash_attn_func(q, k, v, causal=True, window_size=window_size)
-        elif isinstance(kv_cache, DecodeStep):  # static-shape single-token decode (GPT.forward_decode)
+        elif isinstance(kv_cache, DecodeStep):  # one token per row, rows at their own positions
             y = decode_attention(q, k, v, kv_cache.k_cache, kv_cache.v_cache, self.layer_idx, kv_cache.pos,
-                                 kv_cache.masks[window_size[0]], enable_gqa=H != Hkv)
+                                 kv_cache.mask(window_size[0]), enable_gqa=H != Hkv)
         else:
             k_cache, v_cache = kv_cache.get_layer_cache(self.layer_idx)
             y = flash_attn_with_kvcache(q, k_cache, v_cache, k=k, v=v, cache_seqlens=kv_cache.cache_seqlens,
@@ -304,12 +304,23 @@ class CausalSelfAttention(nn.Module):
 
 
 class DecodeStep:
-    """What one layer needs for a static-shape decode step (see GPT.forward_decode): the whole
-    cache tensors (n_layer, B, T_max, Hkv, D), per-row positions (B,) int64, and one (B, L)
-    visibility mask per distinct window size."""
+    """The cache for a decode step: one new token per row, each row at its own position. Holds the
+    whole cache tensors (n_layer, R, T_max, Hkv, D) and the previous embeddings (R, 1, n_embd) of
+    R >= B rows (the step uses the first B), per-row positions pos (B,) int64, and kv_len, how
+    many cache slots attention reads (> max(pos); a bucket, so that few shapes occur). Every
+    tensor is written in place, so the step has static shapes and no host syncs: torch.compile
+    and CUDA graphs can capture it whole."""
 
-    def __init__(self, k_cache, v_cache, pos, masks):
-        self.k_cache, self.v_cache, self.pos, self.masks = k_cache, v_cache, pos, masks
+    def __init__(self, k_cache, v_cache, prev_embedding, pos, kv_len):
+        self.k_cache, self.v_cache, self.prev_embedding = k_cache, v_cache, prev_embedding
+        self.pos, self.kv_len = pos, kv_len
+        self.masks = {}
+
+    def mask(self, left):
+        """(B, kv_len) visibility of the cache slots for a layer whose window reaches `left` back."""
+        if left not in self.masks:
+            self.masks[left] = decode_mask(self.pos, self.kv_len, left)
+        return self.masks[left]
 
 
 class MLP(nn.Module):
@@ -444,41 +455,51 @@ class GPT(nn.Module):
     # forward
 
     def _smear(self, x, prev):
-        """x_t += smear_lambda * sigmoid(smear_gate(x_t[:24])) * x_{t-1} (SPEC §1.5 step 2).
-        `prev` is the previous chunk's last embedding (KV-cache decode); without it position 0
-        is left unchanged."""
+        """x_t += smear_lambda * sigmoid(smear_gate(x_t[:24])) * x_{t-1}. `prev` is the embedding
+        before this chunk (KV-cache decode); without it position 0 is left unchanged."""
         lam = self.smear_lambda.to(x.dtype)
         if prev is None:
             if x.size(1) == 1:
                 return x
             gate = lam * torch.sigmoid(self.smear_gate(x[:, 1:, :SMEAR_CHANNELS]))
             return torch.cat((x[:, :1], x[:, 1:] + gate * x[:, :-1]), dim=1)
-        shifted = torch.cat((prev.to(x.dtype), x[:, :-1]), dim=1)
+        shifted = prev.to(x.dtype) if x.size(1) == 1 else torch.cat((prev.to(x.dtype), x[:, :-1]), dim=1)
         gate = lam * torch.sigmoid(self.smear_gate(x[..., :SMEAR_CHANNELS]))
         return x + gate * shifted
 
-    def forward(self, idx, targets=None, kv_cache=None, loss_reduction="mean", decode=None):
+    def forward(self, idx, targets=None, kv_cache=None, loss_reduction="mean"):
         """idx (B, T) token ids. Without targets: fp32 softcapped logits (B, T, vocab_size). With
         targets (-1 = ignore): the cross-entropy, reduced by 'mean' | 'sum' | 'none' (per token,
-        flattened to (B*T,)). With a KV cache: positions continue from the cache, new keys/values
-        are written into it, and it is advanced by T at the end. decode=(pos, k_cache, v_cache,
-        prev_embedding, kv_len) runs forward_decode instead (so torch.func.functional_call can
-        swap in inference copies of the weights)."""
-        if decode is not None:
-            return self.forward_decode(idx, *decode)
+        flattened to (B*T,)).
+
+        kv_cache: None (training, evaluation); a KVCache, whose rows all sit at one position:
+        positions continue from it, the new keys/values are written into it and it is advanced
+        by T at the end (prefill); or a DecodeStep: T = 1, each row at its own position, the
+        cache and the previous embeddings updated in place (the Engine's decode step)."""
         B, T = idx.shape
-        pos = 0 if kv_cache is None else kv_cache.get_pos()
-        assert pos + T <= self.cos.size(1), f"sequence of {pos + T} exceeds the rotary cache of {self.cos.size(1)}"
-        cos, sin = self.cos[:, pos:pos + T], self.sin[:, pos:pos + T]
+        step = kv_cache if isinstance(kv_cache, DecodeStep) else None
+        if step is not None:
+            cos = self.cos[0, step.pos].unsqueeze(1)  # (B, 1, 1, D/2): per-row rotary positions
+            sin = self.sin[0, step.pos].unsqueeze(1)
+        else:
+            pos = 0 if kv_cache is None else kv_cache.get_pos()
+            assert pos + T <= self.cos.size(1), f"sequence of {pos + T} exceeds the rotary cache of {self.cos.size(1)}"
+            cos, sin = self.cos[:, pos:pos + T], self.sin[:, pos:pos + T]
 
         x = norm(self.transformer.wte(idx).to(COMPUTE_DTYPE))
+        # smear mixes in the previous position's *pre-smear* embedding, which a cache carries over
         if kv_cache is None:
             x = self._smear(x, None)
+        elif step is not None:  # decode positions are >= 1: there always is a previous embedding
+            prev = step.prev_embedding[:B]
+            smeared = self._smear(x, prev)
+            prev.copy_(x)
+            x = smeared
         else:
             prev = kv_cache.prev_embedding
-            kv_cache.prev_embedding = x[:, -1:].clone()  # the *pre-smear* embedding of the last position
+            kv_cache.prev_embedding = x[:, -1:].clone()
             x = self._smear(x, prev)
-        x0 = x  # captured after smear (SPEC §18.3)
+        x0 = x  # captured after smear
 
         checkpointing = self.activation_checkpointing and kv_cache is None and torch.is_grad_enabled()
         backout_at = self.config.n_layer // 2
@@ -493,7 +514,7 @@ class GPT(nn.Module):
                 x = block(x, ve, cos, sin, self.window_sizes[i], kv_cache)
             if i == backout_at:
                 x_mid = x
-        if kv_cache is not None:
+        if kv_cache is not None and step is None:
             kv_cache.advance(T)  # only after the last layer has written its keys/values
         x = x - self.backout_lambda.to(x.dtype) * x_mid
         x = norm(x)
@@ -510,40 +531,6 @@ class GPT(nn.Module):
             return logits
         return F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1,
                                reduction=loss_reduction)
-
-    def forward_decode(self, idx, pos, k_cache, v_cache, prev_embedding, kv_len):
-        """One token per row, each row at its own position, against a static KV cache: the
-        Engine's decode step, written so torch.compile (and CUDA graphs) can capture it whole:
-        no host syncs, no shapes that depend on data, the cache updated in place.
-
-        idx (B, 1) int64 token ids; pos (B,) int64, the position of each row's token (= tokens
-        already cached for that row); k_cache/v_cache (n_layer, B, T_max, Hkv, D), written at
-        pos; prev_embedding (B, 1, n_embd), each row's previous pre-smear normalized embedding,
-        replaced in place by this token's; kv_len: how many cache slots attention reads
-        (> max(pos), a bucket so that few shapes occur). Returns fp32 softcapped logits (B, vocab).
-        Same math as forward() with a KVCache, row by row (SPEC §1.5, §10.1)."""
-        cos = self.cos[0, pos].unsqueeze(1)  # (B, 1, 1, D/2): per-row rotary positions
-        sin = self.sin[0, pos].unsqueeze(1)
-        x = norm(self.transformer.wte(idx).to(COMPUTE_DTYPE))
-        # smear with the cached previous embedding (decode positions are >= 1, so there always is one)
-        gate = self.smear_lambda.to(x.dtype) * torch.sigmoid(self.smear_gate(x[..., :SMEAR_CHANNELS]))
-        smeared = x + gate * prev_embedding.to(x.dtype)
-        prev_embedding.copy_(x)
-        x = x0 = smeared
-        masks = {w: decode_mask(pos, kv_len, w) for w in {w for w, _ in self.window_sizes}}
-        step = DecodeStep(k_cache, v_cache, pos, masks)
-        backout_at = self.config.n_layer // 2
-        x_mid = None
-        for i, block in enumerate(self.transformer.h):
-            x = self.resid_lambdas[i] * x + self.x0_lambdas[i] * x0
-            key = str(i)
-            ve = self.value_embeds[key](idx).to(x.dtype) if key in self.value_embeds else None
-            x = block(x, ve, cos, sin, self.window_sizes[i], step)
-            if i == backout_at:
-                x_mid = x
-        x = norm(x - self.backout_lambda.to(x.dtype) * x_mid)
-        logits = F.linear(x[:, 0], self.lm_head.weight[:self.config.vocab_size].to(x.dtype)).float()
-        return SOFTCAP * torch.tanh(logits / SOFTCAP)
 
     # -------------------------------------------------------------------------
     # accounting (SPEC §1.10)

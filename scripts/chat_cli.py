@@ -63,9 +63,12 @@ def stream_reply(engine, tokenizer, prompt, args, out):
     """Generate a reply, printing text as it is decoded; returns the reply's tokens."""
     terminal = {tokenizer.get_bos_token_id(), tokenizer.encode_special("<|assistant_end|>")}
     reply, shown = [], ""
-    for column, _ in engine.generate(prompt, num_samples=1, max_tokens=args.max_tokens, temperature=args.temperature,
-                                     top_k=args.top_k, seed=args.seed):
-        token = column[0]
+    # one row of a session, kept when it ends: the next turn reuses the conversation's cached keys/values
+    sess = engine.session()
+    sess.add(prompt, max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+             seed=args.seed, keep=True)
+    while len(sess):
+        ((_, token, _, _),) = sess.step()
         reply.append(token)
         if token in terminal:
             break
@@ -89,6 +92,7 @@ def main(argv=None):
     p.add_argument("-p", "--prompt", default="", help="ask one question, print the answer and exit")
     p.add_argument("-t", "--temperature", type=float, default=0.6)
     p.add_argument("-k", "--top-k", type=int, default=50)
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling: keep the most likely tokens up to this mass")
     p.add_argument("--max-tokens", type=int, default=256, help="longest reply, in tokens")
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--compile", type=int, default=None, choices=[0, 1],
@@ -97,6 +101,8 @@ def main(argv=None):
     args = p.parse_args(argv)
     if args.temperature < 0:
         raise NanochatError(f"--temperature must be >= 0, not {args.temperature}.")
+    if not 0.0 < args.top_p <= 1.0:
+        raise NanochatError(f"--top-p must be in (0, 1], not {args.top_p}.")
     if args.max_tokens < 1:
         raise NanochatError(f"--max-tokens must be at least 1, not {args.max_tokens}.")
 

@@ -56,6 +56,16 @@ def test_single_shot_answers(base_dir):
     assert again.stdout.strip() == answer  # greedy: the same answer
 
 
+def test_top_p(base_dir):
+    """--top-p so small that only the most likely token survives gives the greedy answer."""
+    greedy = run_cli(base_dir, ["-i", "base", "-p", "hello", "--max-tokens", "8", "-t", "0"])
+    nucleus = run_cli(base_dir, ["-i", "base", "-p", "hello", "--max-tokens", "8", "-t", "1", "--top-p", "1e-6"])
+    assert nucleus.returncode == 0, nucleus.stderr
+    assert nucleus.stdout.strip() == greedy.stdout.strip()
+    bad = run_cli(base_dir, ["-i", "base", "-p", "hello", "--top-p", "0"])
+    assert bad.returncode != 0 and "--top-p must be in (0, 1]" in bad.stderr
+
+
 def test_interactive_through_a_pipe(base_dir):
     r = run_cli(base_dir, ["-i", "base", "--max-tokens", "6"], stdin="hi\n\nclear\nhi\n")
     assert r.returncode == 0, r.stderr

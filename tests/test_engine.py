@@ -11,7 +11,7 @@ import torch
 
 from nanochat.common import COMPUTE_DTYPE, NanochatError
 from nanochat.engine import Engine, KVCache, sample_next_token
-from nanochat.gpt import GPT, GPTConfig
+from nanochat.gpt import GPT, DecodeStep, GPTConfig
 
 torch.set_num_threads(1)
 
@@ -107,8 +107,8 @@ def test_sliding_window_decode_equals_full_forward(tokenizer):
         outs = [model(idx[:, :T0], kv_cache=cache)[:, -1]]
         prev = cache.prev_embedding.clone()
         for p in range(T0, T - 1):
-            pos = torch.full((2,), p, dtype=torch.long)
-            outs.append(model.forward_decode(idx[:, p:p + 1], pos, cache.k_cache, cache.v_cache, prev, min(T, 256)))
+            step = DecodeStep(cache.k_cache, cache.v_cache, prev, torch.full((2,), p, dtype=torch.long), min(T, 256))
+            outs.append(model(idx[:, p:p + 1], kv_cache=step)[:, -1])
     torch.testing.assert_close(torch.stack(outs, 1), full[:, T0 - 1:T - 1], atol=2e-5, rtol=2e-5)
     # and greedy generation well past the short window matches the naive sampler
     engine = Engine(model, tokenizer, compile=False)
@@ -161,8 +161,8 @@ def test_sample_next_token_top_k_stays_in_top_k():
 
 class ScriptedModel:
     """Emits script[i] as the i-th generated token (then script[-1] forever), whatever it is fed.
-    Speaks the two calls the Engine makes: forward(ids, kv_cache=...) for the prompt and
-    forward_decode(...) for single tokens."""
+    It has only forward(ids, kv_cache=...), the contract of the reference implementation's
+    models, so the Engine drives it row by row; it leaves prev_embedding None."""
 
     def __init__(self, script, vocab_size, sequence_len=64):
         self.script = script
@@ -170,26 +170,19 @@ class ScriptedModel:
         self.prompt_len = None
         self.fed = []
 
-    def get_device(self):
-        return torch.device("cpu")
-
-    def _logits(self, gen_index, B):
-        token = self.script[min(gen_index, len(self.script) - 1)]
-        logits = torch.full((B, self.config.vocab_size), -10.0)
-        logits[:, token] = 10.0
-        return logits
-
     def forward(self, ids, kv_cache=None):
         B, T = ids.shape
-        self.prompt_len = T
+        pos = kv_cache.get_pos()
+        if pos == 0:
+            self.prompt_len = T
+        else:
+            self.fed.append(ids[:, 0].tolist())
+        assert pos + T <= kv_cache.k_cache.size(2) and kv_cache.prev_embedding is None
         kv_cache.advance(T)
-        kv_cache.prev_embedding = torch.zeros(B, 1, 2, dtype=COMPUTE_DTYPE)
-        return self._logits(0, B)[:, None, :].expand(B, T, -1)
-
-    def forward_decode(self, ids, pos, k_cache, v_cache, prev_embedding, kv_len):
-        assert int(pos.max()) < kv_len <= k_cache.size(2)
-        self.fed.append(ids[:, 0].tolist())
-        return self._logits(int(pos[0]) + 1 - self.prompt_len, ids.size(0))
+        token = self.script[min(pos + T - self.prompt_len, len(self.script) - 1)]
+        logits = torch.full((B, T, self.config.vocab_size), -10.0)
+        logits[:, :, token] = 10.0
+        return logits
 
 
 def test_tool_state_machine_inserts_calculator_result(tokenizer):
@@ -211,7 +204,7 @@ def test_tool_state_machine_inserts_calculator_result(tokenizer):
     assert masks == [1] * n_call + [0] * forced + [1]
     assert all(c[0] == c[1] and m[0] == m[1] for c, m in cols)  # both rows went through the tool
     # the forced tokens were fed back to the model
-    assert [f[0] for f in model.fed] == tokens[:-1]
+    assert [f[0] for f in model.fed[::2]] == tokens[:-1]  # one call per row and step
     # generate_batch: prompt + generated without the terminal token, mask 0 on the prompt
     results, result_masks = engine.generate_batch(prompt, num_samples=2, max_tokens=30, temperature=0.0)
     assert results == [prompt + tokens[:-1]] * 2
@@ -255,22 +248,6 @@ def test_prompt_errors(tokenizer):
         next(engine.generate_multi([[1, 2], list(range(32))], max_tokens=3))
 
 
-def test_kv_cache_is_in_compute_dtype_and_reused(tokenizer):
-    engine = Engine(build(), tokenizer, compile=False)
-    columns(engine, [1, 2, 3], num_samples=2, max_tokens=5, temperature=0.0)
-    cache = engine._caches[2]
-    assert cache.k_cache.dtype == COMPUTE_DTYPE and cache.v_cache.dtype == COMPUTE_DTYPE
-    columns(engine, [4, 5], num_samples=2, max_tokens=5, temperature=0.0)
-    assert engine._caches[2] is cache  # sized once, reused while it fits
-
-
-def test_only_the_most_recent_decode_caches_are_kept(tokenizer):
-    engine = Engine(build(), tokenizer, compile=False)
-    for b in (1, 2, 3, 4, 5, 6, 2):
-        columns(engine, [1, 2, 3], num_samples=b, max_tokens=2, temperature=0.0)
-    assert list(engine._caches) == [4, 5, 6, 2]  # least recently used first; 1 and 3 were dropped
-
-
 # -----------------------------------------------------------------------------
 # several different prompts in one batch
 
@@ -294,7 +271,6 @@ def test_generate_multi_rows_stop_independently(tokenizer):
     vocab = tokenizer.get_vocab_size()
     end = tokenizer.encode_special("<|assistant_end|>")
     model = ScriptedModel([7, 8, end, 9], vocab)
-    model.prompt_len = 0
     engine = Engine(model, tokenizer, compile=False)
     cols = list(engine.generate_multi([[1, 2], [3, 4]], max_tokens=10, temperature=0.5, seeds=[1, 2]))
     assert [c for c, _ in cols] == [[7, 7], [8, 8], [end, end]]
@@ -355,3 +331,186 @@ def test_interleaved_generations_do_not_share_a_cache(tokenizer):
     got1 += [c for c, _ in g1]
     got2 += [c for c, _ in g2]
     assert got1 == alone1 and got2 == alone2
+
+
+# -----------------------------------------------------------------------------
+# sessions: rows that join, leave and share a batch
+
+
+def sampled_alone(engine, prompt, seed, **kw):
+    return [c[0] for c in columns(engine, prompt, temperature=kw.pop("temperature", 1.0), seed=seed, **kw)]
+
+
+def run_session(sess, joins=()):
+    """Step until the session is empty; joins = [(step, add kwargs)] adds rows at those steps.
+    Returns {row id: [tokens]} and the ids of the joined rows in order."""
+    out, joined, step = {}, [], 0
+    joins = list(joins)
+    while len(sess) or joins:
+        while joins and joins[0][0] == step:
+            joined += sess.add(**joins.pop(0)[1])
+        for rid, token, _, _ in sess.step():
+            out.setdefault(rid, []).append(token)
+        step += 1
+    return out, joined
+
+
+@exact
+def test_decode_step_logits_of_a_row_do_not_depend_on_the_batch(tokenizer):
+    """Bit for bit: a row decoded beside idle rows (what a lone row's step is: the session pads
+    the batch to MIN_DECODE_ROWS) and beside rows at other positions, 4 or 5 of them, whatever
+    the attention span."""
+    from nanochat.engine import MIN_DECODE_ROWS
+
+    assert MIN_DECODE_ROWS == 4  # what a lone row is padded to with batch_invariant=True
+    model = build(n_head=4, n_kv_head=2, sequence_len=256)
+    c = model.config
+    prompts = [list(range(5, 25)), [7, 8, 9], list(range(40, 140)), [291, 3], [4, 5, 6]]
+    B, T = len(prompts), 256
+    k = torch.zeros(c.n_layer, B, T, c.n_kv_head, c.n_embd // c.n_head)
+    v, prev = torch.zeros_like(k), torch.zeros(B, 1, c.n_embd)
+    with torch.inference_mode():
+        for b, p in enumerate(prompts):
+            cache = KVCache.from_tensors(k[:, b:b + 1], v[:, b:b + 1])
+            model(torch.tensor([p]), kv_cache=cache)
+            prev[b] = cache.prev_embedding[0]
+        ids = torch.tensor([[11], [12], [13], [14], [15]])
+        pos = torch.tensor([len(p) for p in prompts])
+
+        def decode(rows, span):
+            kk, vv, pp = k[:, rows].clone(), v[:, rows].clone(), prev[rows].clone()
+            return model(ids[rows], kv_cache=DecodeStep(kk, vv, pp, pos[rows], span))[0], kk[:, 0], pp[0]
+
+        idle = torch.zeros_like(pos)
+        kk, vv, pp = k[:, [0, 1, 1, 1]].clone(), v[:, [0, 1, 1, 1]].clone(), prev[[0, 1, 1, 1]].clone()
+        alone = model(torch.tensor([[11], [0], [0], [0]]), kv_cache=DecodeStep(kk, vv, pp, torch.cat((pos[:1], idle[:3])), 64))
+        for rows, span in [([0, 1, 2, 3], 128), ([0, 1, 2, 3, 4], 256), ([0, 1, 3, 4], 64)]:
+            logits, k0, p0 = decode(rows, span)
+            assert torch.equal(logits, alone[0]) and torch.equal(k0, kk[:, 0]) and torch.equal(p0, pp[0])
+
+
+@pytest.mark.parametrize("batch_invariant", [False, True])
+def test_session_rows_batched_or_joining_give_the_tokens_they_give_alone(tokenizer, batch_invariant):
+    model = build(head_std=0.3)  # flat-ish logits: many tokens are likely
+    engine = Engine(model, tokenizer, compile=False, batch_invariant=batch_invariant)
+    a, b, c = list(range(60, 77)), [291, 40, 41], [5]
+    alone_a = sampled_alone(engine, a, seed=3, max_tokens=25)
+    alone_b = [sampled_alone(engine, b, seed=10 + i, max_tokens=20, top_k=20) for i in range(2)]
+    alone_c = sampled_alone(engine, c, seed=9, max_tokens=30, top_p=0.8)
+    sess = engine.session()
+    (ra,) = sess.add(a, max_tokens=25, seed=3)
+    rb = sess.add(b, n=2, max_tokens=20, top_k=20, seed=10)  # row i samples with seed 10 + i
+    out, (rc,) = run_session(sess, joins=[(4, dict(tokens=c, max_tokens=30, top_p=0.8, seed=9))])
+    assert len(alone_a) == 25 and len(alone_c) > 4  # they really overlapped
+    assert out[ra] == alone_a and [out[r] for r in rb] == alone_b and out[rc] == alone_c
+    assert alone_b[0] != alone_b[1]
+
+
+def test_session_events_report_masks_and_finishing(tokenizer):
+    vocab = tokenizer.get_vocab_size()
+    end = tokenizer.encode_special("<|assistant_end|>")
+    engine = Engine(ScriptedModel([7, 8, end, 9], vocab), tokenizer, compile=False)
+    sess = engine.session()
+    (r1,) = sess.add([1, 2], temperature=0.0)
+    (r2,) = sess.add([3, 4], max_tokens=2, temperature=0.0)
+    assert sess.active == [r1, r2] and len(sess) == 2
+    assert sess.step() == [(r1, 7, 1, False), (r2, 7, 1, False)]
+    assert sess.step() == [(r1, 8, 1, False), (r2, 8, 1, True)]  # r2 reached max_tokens
+    assert sess.step() == [(r1, end, 1, True)]
+    assert len(sess) == 0 and sess.step() == []
+
+
+def test_session_cancel_drops_a_row_and_leaves_the_others_alone(tokenizer):
+    engine = Engine(build(head_std=0.3), tokenizer, compile=False)
+    p, q = [291, 40, 41], list(range(60, 70))
+    alone = sampled_alone(engine, q, seed=2, max_tokens=20)
+    sess = engine.session()
+    (rp,) = sess.add(p, max_tokens=20, seed=1)
+    (rq,) = sess.add(q, max_tokens=20, seed=2)
+    got = []
+    for i in range(20):
+        if i == 3:
+            sess.cancel(rp)
+            assert sess.active == [rq]
+        events = sess.step()
+        assert all(rid == rq for rid, *_ in events) or i < 3
+        got += [t for rid, t, _, _ in events if rid == rq]
+    assert got == alone and len(sess) == 0
+
+
+def test_session_limits_and_errors(tokenizer):
+    engine = Engine(build(), tokenizer, compile=False)
+    sess = engine.session(max_rows=3)
+    sess.add([1, 2], n=2)
+    with pytest.raises(NanochatError, match="at most 3 rows"):
+        sess.add([1, 2], n=2)
+    with pytest.raises(NanochatError, match="top_p"):
+        sess.add([1, 2], top_p=0.0)
+    with pytest.raises(NanochatError, match="max_tokens"):
+        sess.add([1, 2], max_tokens=0)
+    assert sess.k is None  # nothing is allocated before the first step
+    sess.step()
+    assert sess.k.dtype == COMPUTE_DTYPE and sess.k.size(1) >= 2
+
+
+# -----------------------------------------------------------------------------
+# prefix reuse
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_prefix_reuse_gives_the_tokens_of_a_fresh_prefill(tokenizer, temperature):
+    model = build(head_std=0.3)
+    reuse = Engine(model, tokenizer, compile=False)
+    fresh = Engine(model, tokenizer, compile=False, prefix_cache_bytes=0)
+    end = tokenizer.encode_special("<|assistant_end|>")
+    convo = [tokenizer.get_bos_token_id(), 40, 41, 42]
+    for turn in range(3):
+        sess = reuse.session()
+        (r,) = sess.add(convo, max_tokens=12, temperature=temperature, seed=turn, keep=True)
+        out, _ = run_session(sess)
+        assert out[r] == sampled_alone(fresh, convo, seed=turn, max_tokens=12, temperature=temperature)
+        assert reuse.prefix_store.hits == turn  # every follow-up turn reused the conversation so far
+        convo = convo + [t for t in out[r] if t != end] + [end, 50 + turn, 51]
+    assert len(reuse.prefix_store.entries) == 3
+
+
+def test_prefix_store_is_bounded_and_drops_the_least_recently_used():
+    from nanochat.engine import PrefixStore
+
+    kv = torch.zeros(2, 4, 1, 8)  # 256 bytes each for k and v
+    store = PrefixStore(max_bytes=3 * 512)
+    for first in (1, 2, 3):
+        store.put([first, 0, 0, 0], kv, kv, None)
+    assert store.longest([1, 0, 0, 0, 9], limit=4)[0] == 4  # touches [1, ...]
+    store.put([4, 0, 0, 0], kv, kv, None)
+    assert set(store.entries) == {(1, 0, 0, 0), (3, 0, 0, 0), (4, 0, 0, 0)} and store.bytes == 3 * 512
+    assert store.longest([1, 0, 0, 0], limit=3) is None  # the whole prompt is never taken: its logits are needed
+
+
+# -----------------------------------------------------------------------------
+# top_p
+
+
+def test_top_p_keeps_the_smallest_set_reaching_the_mass():
+    probs = torch.tensor([0.05, 0.5, 0.15, 0.3])
+    logits = probs.log().expand(4000, -1).contiguous()
+    g = torch.Generator().manual_seed(0)
+    ids = sample_next_token(logits, g, temperature=1.0, top_p=0.75)
+    counts = torch.bincount(ids, minlength=4)
+    assert counts[0] == 0 and counts[2] == 0  # 0.5 + 0.3 reaches 0.75: tokens 1 and 3 only
+    share = counts[1].item() / 4000  # renormalized: 0.5 / 0.8 = 0.625, binomial sd 0.008
+    assert abs(share - 0.625) < 0.04
+    assert torch.equal(sample_next_token(logits[:3], g, 1.0, top_p=0.4), torch.tensor([1, 1, 1]))
+    with pytest.raises(NanochatError, match="top_p"):
+        sample_next_token(logits, g, 1.0, top_p=1.5)
+
+
+def test_rows_with_different_top_p_in_one_step():
+    from nanochat.engine import _Row, _sample_rows
+
+    probs = torch.tensor([0.05, 0.5, 0.15, 0.3])
+    rows = [_Row(i, [1], 10, 1.0, None, p, i, False, "cpu") for i, p in enumerate([0.4, 0.75, 1.0] * 300)]
+    tokens = torch.tensor(_sample_rows(probs.log().expand(len(rows), -1), rows)).view(300, 3)
+    assert (tokens[:, 0] == 1).all()
+    assert set(tokens[:, 1].tolist()) == {1, 3}
+    assert set(tokens[:, 2].tolist()) == {0, 1, 2, 3}

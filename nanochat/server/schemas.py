@@ -70,6 +70,7 @@ class ChatRequest(BaseModel):
     messages: list[Message]
     temperature: float | None = None
     top_k: int | None = None
+    top_p: float | None = None
     max_tokens: int | None = None
     seed: int | None = None
 
@@ -149,6 +150,7 @@ class Stats(BaseModel):
     max_queue: int
     max_batch: int
     batching: bool
+    batching_mode: Literal["step", "admission", "off"]
     requests_total: int
     requests_completed: int
     requests_rejected: int
