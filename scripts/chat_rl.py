@@ -158,7 +158,7 @@ def evaluate_pass_at_k(engine, tokenizer, task, num_examples, k, max_new_tokens,
     """pass@1..k over the first num_examples problems of `task` (strided over ranks, summed
     across them): the fraction of problems where any of the first j samples is correct."""
     rank, world = dist_rank_world()
-    counts = torch.zeros(k + 1, dtype=torch.float64, device=device)  # [problems, pass@1, ..., pass@k]
+    counts = torch.zeros(k + 1, dtype=torch.int64, device=device)  # [problems, pass@1, ..., pass@k]
     for idx in range(rank, min(num_examples, len(task)), world):
         conversation = task[idx]
         prompt = tokenizer.render_for_completion(conversation)
@@ -167,10 +167,10 @@ def evaluate_pass_at_k(engine, tokenizer, task, num_examples, k, max_new_tokens,
         outcomes = [bool(task.evaluate(conversation, tokenizer.decode(s[len(prompt):]))) for s in seqs]
         counts[0] += 1
         for j in range(1, k + 1):
-            counts[j] += float(any(outcomes[:j]))
+            counts[j] += int(any(outcomes[:j]))
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(counts, op=dist.ReduceOp.SUM)
-    total = max(counts[0].item(), 1.0)
+    total = max(counts[0].item(), 1)
     return {f"pass@{j}": counts[j].item() / total for j in range(1, k + 1)}
 
 
@@ -342,8 +342,9 @@ def train(args, train_task=None, val_task=None):
             group["lr"] = group["initial_lr"] * lrm
         optimizer.step()
         model.zero_grad(set_to_none=True)
+        # fp32 (MPS has no float64): the counts stay far below 2^24, where fp32 is still exact
         stats = torch.tensor([reward_sum, examples_per_rank * args.num_samples, generated, trained],
-                             dtype=torch.float64, device=device)
+                             dtype=torch.float32, device=device)
         if ddp:
             dist.all_reduce(stats, op=dist.ReduceOp.SUM)
         mean_reward = stats[0].item() / stats[1].item()

@@ -545,15 +545,16 @@ def train(args):
     while True:
         # when to stop, and where the next batch sits in the data: the same on every rank
         if args.num_iterations > 0:
-            last_flag = float(step >= args.num_iterations)
-            progress = step / args.num_iterations
+            last_step, progress = step >= args.num_iterations, step / args.num_iterations
         else:
-            last_flag = float(trained_loader_state is not None and trained_loader_state["consumed"] >= dataset_size)
-            progress = next_loader_state["consumed"] / dataset_size
-        flags = torch.tensor([last_flag, progress], dtype=torch.float64, device=device)
-        if ddp:
-            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-        last_step, progress = bool(flags[0].item()), min(flags[1].item(), 1.0)
+            # ranks consume conversations at different rates: the furthest one decides. Whole
+            # counts travel as int64 (exact, and Apple's MPS has no float64).
+            done = trained_loader_state is not None and trained_loader_state["consumed"] >= dataset_size
+            flags = torch.tensor([done, next_loader_state["consumed"]], dtype=torch.int64, device=device)
+            if ddp:
+                dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+            last_step, progress = bool(flags[0].item()), flags[1].item() / dataset_size
+        progress = min(progress, 1.0)
 
         if args.eval_every > 0 and (last_step or step % args.eval_every == 0):
             model.eval()
