@@ -217,7 +217,10 @@ class GPT(nn.Module):
 
     @torch.no_grad()
     def init_weights(self):
-        """Real initialization after to_empty() (SPEC §1.9)."""
+        """Real initialization after to_empty(). The random draws come in a fixed order (wte,
+        lm_head, each block's c_q, c_k, c_v, c_fc, the smear gate, the value-embedding tables,
+        the value-embedding gates) so that one seed gives the same weights as the reference
+        implementation, and runs can be compared with its runs step for step."""
         cfg = self.config
         nn.init.normal_(self.transformer.wte.weight, mean=0.0, std=0.8)
         nn.init.normal_(self.lm_head.weight, mean=0.0, std=0.001)
@@ -229,17 +232,18 @@ class GPT(nn.Module):
             nn.init.zeros_(block.attn.c_proj.weight)
             nn.init.uniform_(block.mlp.c_fc.weight, -0.4 * s, 0.4 * s)
             nn.init.zeros_(block.mlp.c_proj.weight)
-            if block.attn.ve_gate is not None:
-                nn.init.uniform_(block.attn.ve_gate.weight, 0.0, 0.02)
-        ramp = torch.arange(cfg.n_layer, dtype=torch.float32) / max(cfg.n_layer - 1, 1)
-        self.resid_lambdas.copy_(1.15 - 0.10 * ramp)
-        self.x0_lambdas.copy_(0.20 - 0.15 * ramp)
-        for table in self.value_embeds.values():
-            nn.init.uniform_(table.weight, -s, s)
-        # head's fix: mar left these three uninitialized after to_empty()
+        # residual scalars ramp linearly over depth; computed in Python floats (double), then rounded once
+        last = max(cfg.n_layer - 1, 1)
+        self.resid_lambdas.copy_(torch.tensor([1.15 - 0.10 * i / last for i in range(cfg.n_layer)]))
+        self.x0_lambdas.copy_(torch.tensor([0.20 - 0.15 * i / last for i in range(cfg.n_layer)]))
         self.smear_lambda.fill_(0.0)
         self.backout_lambda.fill_(0.2)
         nn.init.uniform_(self.smear_gate.weight, 0.0, 0.02)
+        for table in self.value_embeds.values():  # layer order
+            nn.init.uniform_(table.weight, -s, s)
+        for block in self.transformer.h:
+            if block.attn.ve_gate is not None:
+                nn.init.uniform_(block.attn.ve_gate.weight, 0.0, 0.02)
         device = self.transformer.wte.weight.device
         cos, sin = self._precompute_rotary(self.rotary_seq_len, cfg.n_embd // cfg.n_head, device=device)
         self.cos, self.sin = cos, sin

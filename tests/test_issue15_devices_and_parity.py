@@ -15,6 +15,7 @@ from test_chat_sft import _conversations, _write_jsonl
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
+from nanochat.gpt import GPT, GPTConfig
 from scripts import chat_rl, chat_sft
 
 
@@ -85,3 +86,62 @@ def test_item7_rl_stats_and_pass_at_k_make_no_float64(base_env):
     with NoFloat64():
         summary = _quiet(chat_rl.main, _rl_args("f64", 1), train_task=EvenFirstChar(4), val_task=EvenFirstChar(4))
     assert summary["steps"] == 1
+
+
+# -----------------------------------------------------------------------------
+# item 14: one seed gives the reference implementation's initial weights
+
+
+def test_item14_init_draw_order_matches_the_reference_sequence():
+    config = GPTConfig(sequence_len=64, vocab_size=100, n_layer=3, n_head=2, n_kv_head=1, n_embd=64)
+    torch.manual_seed(7)
+    with torch.device("meta"):
+        model = GPT(config)
+    model.to_empty(device="cpu")
+    model.init_weights()
+
+    # the reference's sequence of draws, re-derived by hand: vocab padded to 128, kv width 32,
+    # value embeddings (and their gates) on layers 0 and 2
+    torch.manual_seed(7)
+    d, V, kv, s = 64, 128, 32, 3**0.5 / 8
+    expected = {"transformer.wte.weight": torch.empty(V, d).normal_(0, 0.8),
+                "lm_head.weight": torch.empty(V, d).normal_(0, 0.001)}
+    for i in range(3):
+        expected[f"transformer.h.{i}.attn.c_q.weight"] = torch.empty(d, d).uniform_(-s, s)
+        expected[f"transformer.h.{i}.attn.c_k.weight"] = torch.empty(kv, d).uniform_(-s, s)
+        expected[f"transformer.h.{i}.attn.c_v.weight"] = torch.empty(kv, d).uniform_(-s, s)
+        expected[f"transformer.h.{i}.mlp.c_fc.weight"] = torch.empty(4 * d, d).uniform_(-0.4 * s, 0.4 * s)
+        expected[f"transformer.h.{i}.attn.c_proj.weight"] = torch.zeros(d, d)
+        expected[f"transformer.h.{i}.mlp.c_proj.weight"] = torch.zeros(d, 4 * d)
+    expected["smear_gate.weight"] = torch.empty(1, 24).uniform_(0, 0.02)
+    for i in (0, 2):
+        expected[f"value_embeds.{i}.weight"] = torch.empty(V, kv).uniform_(-s, s)
+    for i in (0, 2):
+        expected[f"transformer.h.{i}.attn.ve_gate.weight"] = torch.empty(1, 12).uniform_(0, 0.02)
+    # the scalars: Python floats (double) rounded once to fp32
+    expected["resid_lambdas"] = torch.tensor([1.15 - 0.10 * i / 2 for i in range(3)])
+    expected["x0_lambdas"] = torch.tensor([0.20 - 0.15 * i / 2 for i in range(3)])
+    expected["smear_lambda"] = torch.zeros(1)
+    expected["backout_lambda"] = torch.full((1,), 0.2)
+
+    state = model.state_dict()
+    assert set(state) == set(expected)
+    for name, want in expected.items():
+        assert torch.equal(state[name].float(), want), name
+
+
+def test_item14_residual_scalars_are_rounded_once_from_double():
+    """Over 20 layers, fp32 arithmetic on a ramp and double arithmetic rounded once disagree in
+    the last bit for some layers; the init must give the latter."""
+    n = 20
+    config = GPTConfig(sequence_len=64, vocab_size=64, n_layer=n, n_head=1, n_kv_head=1, n_embd=64)
+    with torch.device("meta"):
+        model = GPT(config)
+    model.to_empty(device="cpu")
+    model.init_weights()
+    want_resid = torch.tensor([1.15 - 0.10 * i / (n - 1) for i in range(n)])
+    want_x0 = torch.tensor([0.20 - 0.15 * i / (n - 1) for i in range(n)])
+    ramp = torch.arange(n, dtype=torch.float32) / (n - 1)
+    assert not (torch.equal(1.15 - 0.10 * ramp, want_resid) and torch.equal(0.20 - 0.15 * ramp, want_x0))
+    assert torch.equal(model.resid_lambdas.detach(), want_resid)
+    assert torch.equal(model.x0_lambdas.detach(), want_x0)
