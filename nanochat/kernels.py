@@ -80,11 +80,11 @@ class SoftcapCrossEntropy(torch.autograd.Function):
     forward pass (one sweep instead of two); for 'none' they are recomputed in backward."""
 
     @staticmethod
-    def forward(ctx, h, weight, targets, softcap, reduction, chunk_rows):
+    def forward(ctx, h, weight, targets, softcap, reduction, chunk_rows, grad_enabled):
         N = h.size(0)
         chunks = _LossChunks(h, weight, targets, softcap, chunk_rows)
         losses = torch.empty(N, dtype=torch.float32, device=h.device)
-        need_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
+        need_grad = grad_enabled and (ctx.needs_input_grad[0] or ctx.needs_input_grad[1])
         precompute = need_grad and reduction != "none"
         if precompute:
             grad_h = torch.empty_like(h)
@@ -119,7 +119,7 @@ class SoftcapCrossEntropy(torch.autograd.Function):
         if ctx.precompute:
             grad_h, grad_w = ctx.saved_tensors
             g = grad_out * ctx.scale
-            return grad_h * g.to(grad_h.dtype), (grad_w * g).to(ctx.weight_dtype), None, None, None, None
+            return grad_h * g.to(grad_h.dtype), (grad_w * g).to(ctx.weight_dtype), None, None, None, None, None
         h, weight, targets = ctx.saved_tensors
         chunks = _LossChunks(h, weight, targets, ctx.softcap, ctx.chunk_rows)
         grad_h = torch.empty_like(h)
@@ -128,7 +128,7 @@ class SoftcapCrossEntropy(torch.autograd.Function):
             e = min(s + ctx.chunk_rows, h.size(0))
             _, sumexp = chunks.forward(s, e)
             chunks.backward(s, e, sumexp, grad_out[s:e], grad_h, grad_w)
-        return grad_h, grad_w.to(weight.dtype), None, None, None, None
+        return grad_h, grad_w.to(weight.dtype), None, None, None, None, None
 
 
 class _LossChunks:
@@ -200,4 +200,6 @@ def softcap_cross_entropy(h, weight, targets, softcap, reduction="mean"):
     """Cross-entropy (ignore_index=-1) of softcap*tanh((h @ weight.T)/softcap) without
     materializing the logits. h (N, d), weight (V, d) already sliced to the real vocab, targets (N,)."""
     chunk_rows = max(1, LOSS_CHUNK_ELEMENTS // weight.size(0))
-    return SoftcapCrossEntropy.apply(h, weight, targets, softcap, reduction, chunk_rows)
+    # forward always runs with grad mode off, so the caller's mode is passed in: under no_grad the
+    # inputs may still require grad, but nobody will call backward, so no gradient work is done
+    return SoftcapCrossEntropy.apply(h, weight, targets, softcap, reduction, chunk_rows, torch.is_grad_enabled())

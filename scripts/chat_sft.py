@@ -270,6 +270,14 @@ def build_mixtures(args):
 # The SFT loader: best-fit packing with padding, masked targets, exact resume state
 
 
+def to_device(t, device):
+    """Host -> device. On CUDA through pinned memory, so the copy is asynchronous and overlaps
+    the step already queued on the GPU."""
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
 class SFTLoader:
     """Infinite iterator of (inputs (B, T) int64, targets (B, T) int64, state) over a dataset of
     conversations (anything with len() and [i] -> {"messages": [...]}).
@@ -348,7 +356,7 @@ class SFTLoader:
         inputs = rows[:, :-1]
         targets = rows[:, 1:].clone()
         targets[~masks[:, 1:]] = -1  # user turns, tool outputs, <|assistant_start|> and the BOS padding
-        return inputs.to(self.device), targets.to(self.device), self.state_dict()
+        return to_device(inputs, self.device), to_device(targets, self.device), self.state_dict()
 
 
 # -----------------------------------------------------------------------------
