@@ -209,3 +209,31 @@ def test_item11_sft_loader_batches_reach_cuda_intact():
     t = torch.arange(12).view(3, 4)
     out = chat_sft.to_device(t, torch.device("cuda"))
     assert out.is_cuda and torch.equal(out.cpu(), t)
+
+
+# -----------------------------------------------------------------------------
+# item 9: the batch/weight-decay rule for every tokens:params ratio
+
+
+# scaling parameters (transformer matrices + lm_head) at vocab 32768, seq 2048, SSSL, head dim 128:
+# d12 = 12 * (12 * 768^2) + 6 ve gates * 12*6 + 32768*768; d20 and d24 likewise
+D12, D20, D24 = 110_100_912, 435_160_240, 729_810_624
+
+
+@pytest.mark.parametrize("ratio", [12, 8, 10.5, -1, 0])
+def test_item9_batch_and_weight_decay_follow_the_reference_rule(ratio):
+    from scripts.base_train import batch_and_weight_decay, config_for, parse_args, scaling_params
+    args = parse_args([])
+    assert [scaling_params(config_for(args, d, 32768)) for d in (12, 20, 24)] == [D12, D20, D24]
+    # d20: 2^19 * (D20/D12)^0.383 = 887,496 -> 2^20; wd 0.28 * sqrt(2) * D12/D20 = 0.1002
+    batch, wd = batch_and_weight_decay(ratio, D20, D12, -1, 0.28)
+    assert batch == 2**20 and wd == pytest.approx(0.28 * 2**0.5 * D12 / D20, rel=1e-9)
+    assert round(wd, 4) == 0.1002
+    # d24: 1,081,866 -> 2^20; wd 0.0597
+    batch, wd = batch_and_weight_decay(ratio, D24, D12, -1, 0.28)
+    assert batch == 2**20 and round(wd, 4) == 0.0597
+    # d12 itself: the reference batch, weight decay unchanged
+    assert batch_and_weight_decay(ratio, D12, D12, -1, 0.28) == (2**19, 0.28)
+    # an explicit batch is kept; the weight decay still scales with it
+    batch, wd = batch_and_weight_decay(ratio, D20, D12, 2**18, 0.28)
+    assert batch == 2**18 and wd == pytest.approx(0.28 * 0.5**0.5 * D12 / D20, rel=1e-9)
