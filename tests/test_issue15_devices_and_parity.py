@@ -15,6 +15,7 @@ from test_chat_sft import _conversations, _write_jsonl
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
+from nanochat.common import NanochatError
 from nanochat.gpt import GPT, GPTConfig
 from scripts import chat_rl, chat_sft
 
@@ -237,3 +238,79 @@ def test_item9_batch_and_weight_decay_follow_the_reference_rule(ratio):
     # an explicit batch is kept; the weight decay still scales with it
     batch, wd = batch_and_weight_decay(ratio, D20, D12, 2**18, 0.28)
     assert batch == 2**18 and wd == pytest.approx(0.28 * 0.5**0.5 * D12 / D20, rel=1e-9)
+
+
+# -----------------------------------------------------------------------------
+# item 10: the reference's optimizer shards load on every rank layout
+
+
+def _optimizer_on_rank(model, rank, world_size):
+    """A MuonAdamW whose sharding arithmetic is that of `rank` of `world_size` (load_state_dict
+    needs no communication, so no process group is started)."""
+    opt = model.setup_optimizer()
+    opt.rank, opt.world_size = rank, world_size
+    return opt
+
+
+def _reference_shard(model, opt, seed):
+    """The shard the reference implementation writes on opt's rank: every Muon group keeps a full
+    chunk of ceil(K/W) matrices on its first parameter (on every rank, owned or not); AdamW state
+    is row-sliced for large params whose rows divide by W."""
+    g = torch.Generator().manual_seed(seed)
+    shard = opt.state_dict()
+    index = 0
+    for group in opt.param_groups:
+        for j, p in enumerate(group["params"]):
+            if group["kind"] == "muon":
+                if j == 0:
+                    chunk = -(-len(group["params"]) // opt.world_size)
+                    rows, cols = p.shape
+                    second = (chunk, rows, 1) if rows >= cols else (chunk, 1, cols)
+                    shard["state"][index] = {"momentum_buffer": torch.randn(chunk, rows, cols, generator=g),
+                                             "second_momentum_buffer": torch.randn(*second, generator=g)}
+            else:
+                shape = tuple(p.shape)
+                if p.numel() >= 1024 and shape[0] % opt.world_size == 0:
+                    shape = (shape[0] // opt.world_size, *shape[1:])
+                shard["state"][index] = {"step": 3, "exp_avg": torch.randn(shape, generator=g),
+                                         "exp_avg_sq": torch.rand(shape, generator=g)}
+            index += 1
+    return shard
+
+
+@pytest.mark.parametrize("world_size", [2, 8])
+def test_item10_reference_shards_load_on_ranks_that_own_few_or_no_matrices(world_size):
+    # 3 layers: Muon groups of 3 matrices (c_q, c_k, ..., 2 ve gates); on 2 ranks rank 1 owns 1 of
+    # a chunk of 2, on 8 ranks ranks 3-7 own none of a chunk of 1
+    model = GPT(GPTConfig(sequence_len=32, vocab_size=200, n_layer=3, n_head=2, n_kv_head=2, n_embd=64))
+    for rank in range(world_size):
+        opt = _optimizer_on_rank(model, rank, world_size)
+        shard = _reference_shard(model, opt, seed=rank)
+        opt.load_state_dict(shard)
+        index = 0
+        for group in opt.param_groups:
+            if group["kind"] == "muon":
+                K = len(group["params"])
+                chunk = -(-K // world_size)
+                owned = max(0, min(chunk, K - rank * chunk))
+                state = opt.state.get(group["params"][0], {})
+                if owned == 0:
+                    assert state == {}
+                else:
+                    saved = shard["state"][index]
+                    assert torch.equal(state["momentum_buffer"], saved["momentum_buffer"][:owned])
+                    assert torch.equal(state["second_momentum_buffer"], saved["second_momentum_buffer"][:owned])
+            else:
+                for j, p in enumerate(group["params"]):
+                    assert torch.equal(opt.state[p]["exp_avg"], shard["state"][index + j]["exp_avg"])
+            index += len(group["params"])
+
+
+def test_item10_a_shard_of_another_model_does_not_blame_the_rank_count():
+    small = GPT(GPTConfig(sequence_len=32, vocab_size=200, n_layer=3, n_head=2, n_kv_head=2, n_embd=64))
+    wide = GPT(GPTConfig(sequence_len=32, vocab_size=200, n_layer=3, n_head=2, n_kv_head=2, n_embd=128))
+    shard = _reference_shard(wide, _optimizer_on_rank(wide, 0, 2), seed=0)
+    with pytest.raises(NanochatError) as e:
+        _optimizer_on_rank(small, 0, 2).load_state_dict(shard)
+    message = str(e.value)
+    assert "rank 0 of 2 expects" in message and "different number of ranks" not in message
