@@ -431,6 +431,38 @@ class MuonAdamW(torch.optim.Optimizer):
 
 
 # -----------------------------------------------------------------------------
+# Loss scaling for fp16 activations
+
+
+def grad_scaler(device):
+    """A GradScaler when the activations are fp16 (small gradients underflow there unless the
+    loss is scaled up first), else None. Pair with optimizer_step()."""
+    return torch.amp.GradScaler(device.type) if COMPUTE_DTYPE == torch.float16 else None
+
+
+def scale_loss(loss, scaler):
+    return scaler.scale(loss) if scaler is not None else loss
+
+
+def optimizer_step(optimizer, scaler):
+    """optimizer.step(); with a GradScaler: unscale the gradients, agree across ranks whether any
+    rank's are inf/NaN (the optimizer's collectives need every rank to skip the same steps),
+    step only if none are, and update the scale. Returns False for a skipped step."""
+    if scaler is None:
+        optimizer.step()
+        return True
+    scaler.unscale_(optimizer)
+    found = scaler._found_inf_per_device(optimizer)
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        for found_inf in found.values():
+            dist.all_reduce(found_inf, op=dist.ReduceOp.MAX)
+    skipped = any(v.item() for v in found.values())
+    scaler.step(optimizer)
+    scaler.update()
+    return not skipped
+
+
+# -----------------------------------------------------------------------------
 # Schedules that pretraining applies to the groups each step (SPEC §3.4)
 
 

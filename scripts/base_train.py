@@ -50,7 +50,14 @@ from nanochat.dataloader import tokenizing_distributed_data_loader_with_state_bo
 from nanochat.dataset import open_parquet, split_parquet_files  # noqa: E402
 from nanochat.gpt import GPT, GPTConfig  # noqa: E402
 from nanochat.loss_eval import evaluate_bpb  # noqa: E402
-from nanochat.optim import lr_multiplier, muon_momentum, muon_weight_decay  # noqa: E402
+from nanochat.optim import (  # noqa: E402
+    grad_scaler,
+    lr_multiplier,
+    muon_momentum,
+    muon_weight_decay,
+    optimizer_step,
+    scale_loss,
+)
 from nanochat.report import get_report  # noqa: E402
 from nanochat.tokenizer import get_token_bytes, get_tokenizer  # noqa: E402
 
@@ -308,7 +315,7 @@ def train(args):
     stop = StopRequest()
     resume_step = step
     ema_beta = 0.9
-    scaler = torch.amp.GradScaler() if COMPUTE_DTYPE == torch.float16 else None
+    scaler = grad_scaler(device)  # loss scaling under fp16
 
     while True:
         last_step = step == num_iterations
@@ -381,7 +388,7 @@ def train(args):
             loss = model(x, y)
             loss_sum += loss.detach().float()
             loss = loss / grad_accum_steps
-            (scaler.scale(loss) if scaler else loss).backward()
+            scale_loss(loss, scaler).backward()
             trained_loader_state = next_loader_state
             x, y, next_loader_state = next(train_loader)  # prefetch while the device works
         lrm = lr_multiplier(step, num_iterations, args.warmup_steps, args.warmdown_ratio, args.final_lr_frac)
@@ -392,15 +399,7 @@ def train(args):
             if group["kind"] == "muon":
                 group["momentum"] = momentum
                 group["weight_decay"] = muon_wd
-        if scaler:
-            scaler.unscale_(optimizer)
-            if ddp:  # every rank must agree on skipping the step
-                for found_inf in scaler._found_inf_per_device(optimizer).values():
-                    dist.all_reduce(found_inf, op=dist.ReduceOp.MAX)
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            optimizer.step()
+        optimizer_step(optimizer, scaler)
         model.zero_grad(set_to_none=True)
         train_loss = loss_sum / grad_accum_steps
         if ddp:

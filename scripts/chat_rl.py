@@ -53,6 +53,7 @@ from nanochat.common import (  # noqa: E402
     training_session,
 )
 from nanochat.engine import Engine  # noqa: E402
+from nanochat.optim import grad_scaler, optimizer_step, scale_loss  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -277,6 +278,7 @@ def train(args, train_task=None, val_task=None):
     stop = StopRequest()
     resume_step = step
     session_time, session_steps = 0.0, 0
+    scaler, skipped_steps = grad_scaler(device), 0  # loss scaling under fp16, as in base_train
     if master:
         os.makedirs(checkpoint_dir, exist_ok=True)
 
@@ -335,12 +337,14 @@ def train(args, train_task=None, val_task=None):
                 rows = slice(p * args.device_batch_size, (p + 1) * args.device_batch_size)
                 loss = rl_loss(model, inputs[rows], targets[rows], advantages[rows],
                                normalizer=num_passes * examples_per_rank)
-                loss.backward()
+                scale_loss(loss, scaler).backward()
                 trained += inputs[rows].numel()
         lrm = 1.0 - step / num_steps
         for group in optimizer.param_groups:
             group["lr"] = group["initial_lr"] * lrm
-        optimizer.step()
+        if not optimizer_step(optimizer, scaler):
+            skipped_steps += 1
+            print0(f"step {step:05d}: inf/NaN gradients under fp16, step skipped (loss scale now {scaler.get_scale():g})")
         model.zero_grad(set_to_none=True)
         # fp32 (MPS has no float64): the counts stay far below 2^24, where fp32 is still exact
         stats = torch.tensor([reward_sum, examples_per_rank * args.num_samples, generated, trained],
@@ -384,7 +388,8 @@ def train(args, train_task=None, val_task=None):
     print0(f"Total training time: {total_training_time / 60:.2f}m")
     summary = {"source": args.source, "model_tag": model_tag, "source_step": source_step, "output_tag": output_tag,
                "steps": step, "training_time_s": total_training_time, "first_reward": first_reward,
-               "last_reward": last_reward, "pass_at_k": pass_at_k, "checkpoint_dir": checkpoint_dir}
+               "last_reward": last_reward, "pass_at_k": pass_at_k, "checkpoint_dir": checkpoint_dir,
+               "skipped_steps": skipped_steps}
     if master:
         try:
             from nanochat.report import get_report

@@ -57,6 +57,7 @@ from nanochat.common import (  # noqa: E402
     training_session,
 )
 from nanochat.loss_eval import evaluate_bpb  # noqa: E402
+from nanochat.optim import grad_scaler, optimizer_step, scale_loss  # noqa: E402
 from nanochat.tokenizer import get_token_bytes  # noqa: E402
 
 MAX_CONVERSATION_TOKENS = 2048  # render_conversation's truncation (SPEC §6.3)
@@ -547,6 +548,7 @@ def train(args):
     resume_step = step
     ema_beta = 0.9
     session_time, session_steps = 0.0, 0
+    scaler, skipped_steps = grad_scaler(device), 0  # loss scaling under fp16, as in base_train
     if master:
         os.makedirs(checkpoint_dir, exist_ok=True)
 
@@ -630,7 +632,7 @@ def train(args):
             num_valid = (y >= 0).sum().clamp(min=1)
             loss = model(x, y, loss_reduction="sum") / num_valid
             loss_sum += loss.detach().float()
-            (loss / grad_accum_steps).backward()
+            scale_loss(loss / grad_accum_steps, scaler).backward()
             trained_loader_state = next_loader_state
             x, y, next_loader_state = next(train_loader)  # prefetch while the device works
         lrm = lr_multiplier(progress, args.warmup_ratio, args.warmdown_ratio, args.final_lr_frac)
@@ -639,7 +641,9 @@ def train(args):
             group["lr"] = group["initial_lr"] * lrm
             if group["kind"] == "muon":
                 group["momentum"] = momentum
-        optimizer.step()
+        if not optimizer_step(optimizer, scaler):
+            skipped_steps += 1
+            print0(f"step {step:05d}: inf/NaN gradients under fp16, step skipped (loss scale now {scaler.get_scale():g})")
         model.zero_grad(set_to_none=True)
         train_loss = loss_sum / grad_accum_steps
         if ddp:
@@ -689,7 +693,8 @@ def train(args):
     summary = {"model_tag": model_tag, "base_step": base_step, "output_tag": output_tag, "steps": step,
                "conversations": dataset_size, "training_time_s": total_training_time,
                "initial_val_bpb": initial_val_bpb, "min_val_bpb": min_val_bpb if math.isfinite(min_val_bpb) else None,
-               "final_val_bpb": val_bpb, "chatcore": chatcore_value, "checkpoint_dir": checkpoint_dir}
+               "final_val_bpb": val_bpb, "chatcore": chatcore_value, "checkpoint_dir": checkpoint_dir,
+               "skipped_steps": skipped_steps}
     if master:
         try:
             from nanochat.report import get_report

@@ -314,3 +314,109 @@ def test_item10_a_shard_of_another_model_does_not_blame_the_rank_count():
         _optimizer_on_rank(small, 0, 2).load_state_dict(shard)
     message = str(e.value)
     assert "rank 0 of 2 expects" in message and "different number of ranks" not in message
+
+
+# -----------------------------------------------------------------------------
+# item 8: fp16 loss scaling in SFT and RL; inf/NaN steps skipped on every rank alike
+
+
+def _muon_problem(seed=0):
+    torch.manual_seed(seed)
+    params = [torch.nn.Parameter(torch.randn(8, 8)) for _ in range(3)]
+    groups = [{"kind": "muon", "params": params, "lr": 0.02, "momentum": 0.95, "ns_steps": 5, "beta2": 0.9,
+               "weight_decay": 0.0, "initial_lr": 0.02}]
+    from nanochat.optim import MuonAdamW
+    return params, MuonAdamW(groups)
+
+
+def test_item8_optimizer_step_skips_inf_steps_and_backs_off():
+    from nanochat.optim import optimizer_step
+    params, opt = _muon_problem()
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    scaler.scale(torch.ones(()))  # as a training step would scale its loss (this sets up the scale)
+    before = [p.detach().clone() for p in params]
+    for p in params:
+        p.grad = torch.full_like(p, 1024.0 * 0.01)
+    params[1].grad[0, 0] = float("inf")
+    assert optimizer_step(opt, scaler) is False
+    assert all(torch.equal(p, b) for p, b in zip(params, before))
+    assert scaler.get_scale() == 512.0
+    for p in params:
+        p.grad = torch.full_like(p, 512.0 * 0.01)
+    assert optimizer_step(opt, scaler) is True
+    assert not any(torch.equal(p, b) for p, b in zip(params, before))
+    # the gradients reached the optimizer unscaled: same step as an unscaled run
+    ref_params, ref = _muon_problem()
+    for p in ref_params:
+        p.grad = torch.full_like(p, 0.01)
+    ref.step()
+    assert all(torch.equal(p, r) for p, r in zip(params, ref_params))
+
+
+def _sync_worker(rank, world_size, init_file, out_dir):
+    import torch.distributed as dist
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+    try:
+        from nanochat.optim import optimizer_step
+        params, opt = _muon_problem()
+        scaler = torch.amp.GradScaler("cpu", init_scale=4.0)
+        scaler.scale(torch.ones(()))
+        results = []
+        for step in range(2):
+            for p in params:
+                p.grad = torch.full_like(p, 4.0 * 0.01 * (rank + 1))
+            if step == 0 and rank == 1:
+                params[2].grad[1, 1] = float("nan")  # only rank 1 overflows
+            results.append(optimizer_step(opt, scaler))
+        torch.save({"results": results, "params": [p.detach() for p in params], "scale": scaler.get_scale()},
+                   os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_item8_ranks_agree_on_skipping_a_step(tmp_path):
+    import torch.multiprocessing as mp
+    mp.spawn(_sync_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
+    assert r0["results"] == r1["results"] == [False, True]
+    assert r0["scale"] == r1["scale"] == 2.0
+    assert all(torch.equal(a, b) for a, b in zip(r0["params"], r1["params"]))
+
+
+def _never_finite_scaler(device):
+    # an infinite loss scale makes every scaled gradient inf/NaN: every step must be skipped
+    return torch.amp.GradScaler(device.type, init_scale=float("inf"))
+
+
+def _same_weights(checkpoint_dir, step, base):
+    from nanochat.checkpoint import load_checkpoint
+    trained, _, _ = load_checkpoint(checkpoint_dir, step, "cpu")
+    original, _, _ = load_checkpoint(base["checkpoint_dir"], base["step"], "cpu")
+    return all(torch.equal(trained[k].float(), original[k].float()) for k in original)
+
+
+def test_item8_sft_skips_inf_steps_under_loss_scaling(base_env, monkeypatch):
+    monkeypatch.setattr(chat_sft, "grad_scaler", _never_finite_scaler)
+    summary = _quiet(chat_sft.main, _sft_args(base_env, "fp16skip", 2, ["--eval-every=-1"]))
+    assert summary["steps"] == 2 and summary["skipped_steps"] == 2
+    assert _same_weights(summary["checkpoint_dir"], 2, base_env)
+    # a finite scale trains as usual
+    monkeypatch.setattr(chat_sft, "grad_scaler", lambda device: torch.amp.GradScaler(device.type, init_scale=2.0**10))
+    summary = _quiet(chat_sft.main, _sft_args(base_env, "fp16train", 2, ["--eval-every=-1"]))
+    assert summary["skipped_steps"] == 0 and not _same_weights(summary["checkpoint_dir"], 2, base_env)
+
+
+def test_item8_rl_skips_inf_steps_under_loss_scaling(base_env, monkeypatch):
+    monkeypatch.setattr(chat_rl, "grad_scaler", _never_finite_scaler)
+    summary = _quiet(chat_rl.main, _rl_args("fp16skip", 2, ["--eval-every=-1", "--save-every=2"]),
+                     train_task=EvenFirstChar(4), val_task=EvenFirstChar(4))
+    assert summary["steps"] == 2 and summary["skipped_steps"] == 2
+    assert _same_weights(summary["checkpoint_dir"], 2, base_env)
+
+
+def test_item8_fp16_runs_get_a_scaler(monkeypatch):
+    import nanochat.optim as optim
+    monkeypatch.setattr(optim, "COMPUTE_DTYPE", torch.float16)
+    assert isinstance(optim.grad_scaler(torch.device("cpu")), torch.amp.GradScaler)
+    monkeypatch.setattr(optim, "COMPUTE_DTYPE", torch.bfloat16)
+    assert optim.grad_scaler(torch.device("cpu")) is None
