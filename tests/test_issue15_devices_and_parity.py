@@ -5,6 +5,7 @@ Tiny models on CPU."""
 
 import contextlib
 import io
+import math
 import os
 
 import pytest
@@ -420,3 +421,28 @@ def test_item8_fp16_runs_get_a_scaler(monkeypatch):
     assert isinstance(optim.grad_scaler(torch.device("cpu")), torch.amp.GradScaler)
     monkeypatch.setattr(optim, "COMPUTE_DTYPE", torch.bfloat16)
     assert optim.grad_scaler(torch.device("cpu")) is None
+
+
+def test_item7_bpb_sum_is_exact_and_independent_of_batching():
+    """The fixed-point int64 sum gives the same bits however the tokens are split into batches
+    (as across ranks), and needs no float64."""
+    from nanochat.loss_eval import evaluate_bpb
+    torch.manual_seed(3)
+    losses = torch.rand(4, 16) * 12  # per-token losses of 4 rows
+    targets = torch.randint(0, 50, (4, 16))
+    targets[0, :3] = -1
+    token_bytes = torch.randint(0, 4, (50,))
+
+    class TableLoss:
+        def __call__(self, x, y, loss_reduction="none"):
+            return losses[x[:, 0]]
+
+    rows = torch.arange(4)[:, None].expand(4, 16)
+    whole = [(rows, targets)]
+    split = [(rows[i:i + 1], targets[i:i + 1]) for i in (3, 1, 0, 2)]
+    with NoFloat64():
+        one = evaluate_bpb(TableLoss(), iter(whole), 1, token_bytes)
+        four = evaluate_bpb(TableLoss(), iter(split), 4, token_bytes)
+    counted = (targets >= 0) & (token_bytes[targets.clamp(min=0)] > 0)
+    expected = losses[counted].double().sum().item() / (math.log(2) * token_bytes[targets[counted]].sum().item())
+    assert one == four and one == pytest.approx(expected, rel=1e-9)
