@@ -58,6 +58,7 @@ from nanochat.common import (  # noqa: E402
     training_session,
 )
 from nanochat.loss_eval import evaluate_bpb  # noqa: E402
+from nanochat.optim import grad_scaler, optimizer_step, scale_loss  # noqa: E402
 from nanochat.tokenizer import check_conversation, get_token_bytes  # noqa: E402
 
 MAX_CONVERSATION_TOKENS = 2048  # render_conversation's truncation (SPEC §6.3)
@@ -229,6 +230,14 @@ def build_mixtures(args):
 # The SFT loader: best-fit packing with padding, masked targets, exact resume state
 
 
+def to_device(t, device):
+    """Host -> device. On CUDA through pinned memory, so the copy is asynchronous and overlaps
+    the step already queued on the GPU."""
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
 class SFTLoader:
     """Infinite iterator of (inputs (B, T) int64, targets (B, T) int64, state) over a dataset of
     conversations (anything with len() and [i] -> {"messages": [...]}).
@@ -307,7 +316,7 @@ class SFTLoader:
         inputs = rows[:, :-1]
         targets = rows[:, 1:].clone()
         targets[~masks[:, 1:]] = -1  # user turns, tool outputs, <|assistant_start|> and the BOS padding
-        return inputs.to(self.device), targets.to(self.device), self.state_dict()
+        return to_device(inputs, self.device), to_device(targets, self.device), self.state_dict()
 
 
 # -----------------------------------------------------------------------------
@@ -494,21 +503,23 @@ def train(args):
     resume_step = step
     ema_beta = 0.9
     session_time, session_steps = 0.0, 0
+    scaler, skipped_steps = grad_scaler(device), 0  # loss scaling under fp16, as in base_train
     if master:
         os.makedirs(checkpoint_dir, exist_ok=True)
 
     while True:
         # when to stop, and where the next batch sits in the data: the same on every rank
         if args.num_iterations > 0:
-            last_flag = float(step >= args.num_iterations)
-            progress = step / args.num_iterations
+            last_step, progress = step >= args.num_iterations, step / args.num_iterations
         else:
-            last_flag = float(trained_loader_state is not None and trained_loader_state["consumed"] >= dataset_size)
-            progress = next_loader_state["consumed"] / dataset_size
-        flags = torch.tensor([last_flag, progress], dtype=torch.float64, device=device)
-        if ddp:
-            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-        last_step, progress = bool(flags[0].item()), min(flags[1].item(), 1.0)
+            # ranks consume conversations at different rates: the furthest one decides. Whole
+            # counts travel as int64 (exact, and Apple's MPS has no float64).
+            done = trained_loader_state is not None and trained_loader_state["consumed"] >= dataset_size
+            flags = torch.tensor([done, next_loader_state["consumed"]], dtype=torch.int64, device=device)
+            if ddp:
+                dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+            last_step, progress = bool(flags[0].item()), flags[1].item() / dataset_size
+        progress = min(progress, 1.0)
 
         if args.eval_every > 0 and (last_step or step % args.eval_every == 0):
             model.eval()
@@ -576,7 +587,7 @@ def train(args):
             num_valid = (y >= 0).sum().clamp(min=1)
             loss = model(x, y, loss_reduction="sum") / num_valid
             loss_sum += loss.detach().float()
-            (loss / grad_accum_steps).backward()
+            scale_loss(loss / grad_accum_steps, scaler).backward()
             trained_loader_state = next_loader_state
             x, y, next_loader_state = next(train_loader)  # prefetch while the device works
         lrm = lr_multiplier(progress, args.warmup_ratio, args.warmdown_ratio, args.final_lr_frac)
@@ -585,7 +596,9 @@ def train(args):
             group["lr"] = group["initial_lr"] * lrm
             if group["kind"] == "muon":
                 group["momentum"] = momentum
-        optimizer.step()
+        if not optimizer_step(optimizer, scaler):
+            skipped_steps += 1
+            print0(f"step {step:05d}: inf/NaN gradients under fp16, step skipped (loss scale now {scaler.get_scale():g})")
         model.zero_grad(set_to_none=True)
         train_loss = loss_sum / grad_accum_steps
         if ddp:
@@ -635,7 +648,8 @@ def train(args):
     summary = {"model_tag": model_tag, "base_step": base_step, "output_tag": output_tag, "steps": step,
                "conversations": dataset_size, "training_time_s": total_training_time,
                "initial_val_bpb": initial_val_bpb, "min_val_bpb": min_val_bpb if math.isfinite(min_val_bpb) else None,
-               "final_val_bpb": val_bpb, "chatcore": chatcore_value, "checkpoint_dir": checkpoint_dir}
+               "final_val_bpb": val_bpb, "chatcore": chatcore_value, "checkpoint_dir": checkpoint_dir,
+               "skipped_steps": skipped_steps}
     if master:
         from nanochat.report import get_report
         get_report().log(section="Chat SFT", data=[user_config, summary])
