@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from nanochat import gpt
+from nanochat import gpt, kernels
 from nanochat.gpt import GPT, GPTConfig
 
 REPO = Path(__file__).resolve().parents[1]
@@ -60,7 +60,7 @@ def code_values():
         "VE_GATE_CHANNELS": gpt.VE_GATE_CHANNELS,
         "SMEAR_CHANNELS": gpt.SMEAR_CHANNELS,
         "SOFTCAP": gpt.SOFTCAP,
-        "LOSS_CHUNK_ELEMENTS": gpt.LOSS_CHUNK_ELEMENTS,
+        "LOSS_CHUNK_ELEMENTS": kernels.LOSS_CHUNK_ELEMENTS,
         "mlp_ratio": blocks[0].mlp.c_fc.weight.shape[0] / d,
         "pad_vocab_size_to": _defaults(GPT.__init__)["pad_vocab_size_to"],
         "rotary_length_factor": model.rotary_seq_len / model.config.sequence_len,
