@@ -1,4 +1,4 @@
-"""Chat evaluation (SPEC §7.4): the loops that score a chat model on a task, and ChatCORE.
+"""Chat evaluation (docs/evaluation.md): the loops that score a chat model on a task, and ChatCORE.
 scripts/chat_eval.py is the command line; scripts/chat_sft.py calls run_chat_eval during training.
 
 - categorical tasks (ARC, MMLU): one batched forward per batch of prompts; the answer is the
@@ -17,7 +17,7 @@ import torch.distributed as dist
 
 from nanochat.common import NanochatError, dist_rank_world, is_ddp_initialized, logger
 
-# ChatCORE's tasks (mar's six) with their random-guess baselines
+# ChatCORE's six tasks with their random-guess baselines (docs/evaluation.md)
 BASELINES = {"ARC-Easy": 0.25, "ARC-Challenge": 0.25, "MMLU": 0.25, "GSM8K": 0.0, "HumanEval": 0.0, "SpellingBee": 0.0}
 ALL_TASKS = list(BASELINES)
 

@@ -3,6 +3,8 @@ logging, clear user-facing errors, atomic writes and downloads (SPEC §12.3)."""
 
 import contextlib
 import gc
+import gzip
+import json
 import logging
 import os
 import re
@@ -266,7 +268,25 @@ def get_peak_bandwidth(device_name):
 
 
 # -----------------------------------------------------------------------------
-# Atomic writes and downloads
+# Files: JSONL, atomic writes, downloads
+
+
+def iter_jsonl(path, skip_bad=False):
+    """(line number, value) for each non-blank line of a .jsonl or .jsonl.gz file; a stray bad
+    byte becomes U+FFFD. A line that is not JSON raises NanochatError naming the file and line, or
+    with skip_bad is skipped (a log whose last line a crash cut short)."""
+    with (gzip.open if str(path).endswith(".gz") else open)(path, "rt", encoding="utf-8", errors="replace") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                value = json.loads(line)
+            except json.JSONDecodeError as e:
+                if skip_bad:
+                    continue
+                raise NanochatError(f"{path}:{lineno}: not valid JSON ({e.msg} at column {e.colno}); "
+                                    f"fix or remove that line.") from None
+            yield lineno, value
 
 
 @contextlib.contextmanager

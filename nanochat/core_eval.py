@@ -1,4 +1,4 @@
-"""The CORE metric (SPEC §7.2): 22 in-context tasks from DCLM, scored by a base model's
+"""The CORE metric (docs/evaluation.md): 22 in-context tasks from DCLM, scored by a base model's
 losses on rendered few-shot prompts, each accuracy centered on its random baseline, averaged.
 
     from nanochat.core_eval import evaluate_model
@@ -7,7 +7,7 @@ losses on rendered few-shot prompts, each accuracy centered on its random baseli
 
 The eval bundle (core.yaml, eval_meta_data.csv, eval_data/<category>/<task>.jsonl) is
 authoritative for each task's few-shot count, type, delimiter and baseline; CORE_TASKS below is
-the reference list used to tell when a bundle lacks some of the 22 tasks (the result is then
+the list of the 22 used to tell when a bundle lacks some of the 22 tasks (the result is then
 labelled partial rather than refused).
 
 Three task types:
@@ -18,24 +18,23 @@ Three task types:
 - language_modeling: the prompt with and without the continuation; correct iff greedy argmax
   reproduces every continuation token.
 
-Speed beyond upstream (each checked against one forward per example over the full rows, per
-example, in tests/test_core_eval.py; measured by bench/core_eval.py):
+Speed (each path checked against one forward per example over the full rows, per example, in
+tests/test_core_eval.py; measured by bench/core_eval.py):
 - CPU default (`share_prefix`, nanochat GPTs): an example's positions before its first scored
   one are run once through the blocks only (no lm_head), into a KV cache; when the rows share
   them (multiple choice: the few-shot prompt and query) that is one batch-1 pass instead of one per
   choice. Then each row's remainder runs against a copy of the cache and only it reaches the
-  lm_head. A 10-shot 4-choice example costs ~1/4 of upstream's forward (10x faster on arc_easy
+  lm_head. A 10-shot 4-choice example costs ~1/4 of the plain forwards (10x faster on arc_easy
   in the bench); short 0-shot tasks gain up to ~1.5x from skipping unscored positions' logits.
 - CUDA default (`batch_tokens`): the rows of several examples are packed into one right-padded
   forward up to a token budget, longest examples first, to amortize per-forward overhead.
 With a causal model neither padding nor the cache changes a scored position's inputs, so every
 example's result equals the one-forward result up to float rounding. Only the scored positions'
 logits are used for the losses. Prompts longer than the model's context are cropped from the
-left (upstream crashes on them past the 10x rotary cache).
+left, keeping the scored end (uncropped, they would outrun the model's 10x rotary cache).
 """
 
 import csv
-import json
 import os
 import random
 import shutil
@@ -55,6 +54,7 @@ from nanochat.common import (
     download_file,
     get_base_dir,
     is_url,
+    iter_jsonl,
     logger,
     print0,
 )
@@ -63,8 +63,8 @@ from nanochat.engine import KVCache
 BUNDLE_URL = "https://karpathy-public.s3.us-west-2.amazonaws.com/eval_bundle.zip"
 TASK_TYPES = ("multiple_choice", "schema", "language_modeling")
 
-# The 22 CORE tasks (DCLM's low-variance set), SPEC §7.2: label -> (few-shot, type, delimiter,
-# random baseline %). Reference only: a bundle's core.yaml / eval_meta_data.csv override these.
+# The 22 CORE tasks (DCLM's low-variance set): label -> (few-shot, type, delimiter,
+# random baseline %). For checking a bundle only: its core.yaml / eval_meta_data.csv override these.
 _MC, _SC, _LM = TASK_TYPES
 CORE_TASKS = {
     "hellaswag_zeroshot": (0, _MC, " ", 25.0),
@@ -236,29 +236,22 @@ _REQUIRED = {"multiple_choice": ("query", "choices", "gold"), "schema": ("contex
 def load_jsonl(path, task_type=None):
     """Rows of a jsonl file; a bad line is reported with its file and line number."""
     rows = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise NanochatError(f"{path} line {lineno} is not valid JSON ({e.msg}); fix or re-download the file.") from None
-            if task_type is not None:
-                lacking = [k for k in _REQUIRED[task_type] if k not in row] if isinstance(row, dict) else ["an object"]
-                if lacking:
-                    raise NanochatError(f"{path} line {lineno} lacks {', '.join(lacking)} for a {task_type} task.")
-                options = row.get("choices", row.get("context_options"))
-                if task_type != "language_modeling" and not (
-                        isinstance(options, list) and options and isinstance(row["gold"], int)
-                        and 0 <= row["gold"] < len(options)):
-                    raise NanochatError(f"{path} line {lineno}: gold must index its non-empty list of options.")
-            rows.append(row)
+    for lineno, row in iter_jsonl(path):
+        if task_type is not None:
+            lacking = [k for k in _REQUIRED[task_type] if k not in row] if isinstance(row, dict) else ["an object"]
+            if lacking:
+                raise NanochatError(f"{path}:{lineno}: lacks {', '.join(lacking)} for a {task_type} task.")
+            options = row.get("choices", row.get("context_options"))
+            if task_type != "language_modeling" and not (
+                    isinstance(options, list) and options and isinstance(row["gold"], int)
+                    and 0 <= row["gold"] < len(options)):
+                raise NanochatError(f"{path}:{lineno}: gold must index its non-empty list of options.")
+        rows.append(row)
     return rows
 
 
 # -----------------------------------------------------------------------------
-# Prompts (Jinja; few-shot blocks separated by a blank line, SPEC §7.2)
+# Prompts (Jinja; few-shot blocks separated by a blank line)
 
 _TEMPLATES = {
     "multiple_choice": (
@@ -361,7 +354,8 @@ class Example:
 
 
 def few_shot_indices(idx, n, k):
-    """SPEC §7.2: random.Random(1234 + idx).sample(all other indices, k)."""
+    """random.Random(1234 + idx).sample(all other indices, k): the fixed draw that makes CORE
+    scores comparable between runs and nanochat checkouts."""
     if k <= 0:
         return []
     others = [i for i in range(n) if i != idx]
@@ -622,7 +616,8 @@ def centered_accuracy(accuracy, baseline_percent):
 
 
 def shuffle_and_truncate(data, max_per_task):
-    """SPEC §7.2: shuffle with Random(1337) first, then keep max_per_task (if > 0)."""
+    """Shuffle with Random(1337) first, then keep max_per_task (if > 0): every run scores the same
+    subset, so CORE at a given max_per_task compares across runs."""
     data = list(data)
     random.Random(1337).shuffle(data)
     if max_per_task is not None and max_per_task > 0:
@@ -634,8 +629,7 @@ def evaluate_model(model, tokenizer, device, max_per_task=-1, bundle_dir=None, t
                    batch_tokens=None, max_len=None, progress=True, share_prefix=None):
     """CORE of a model. `bundle_dir`: None (download once to base_dir/eval_bundle), a directory,
     a .zip or a URL. `tasks`: optional subset of labels. `max_len`: crop prompts to this many tokens
-    (default: the model's context; upstream only crops HF models, so prompts between sequence_len
-    and the 10x rotary cache score differently there). `batch_tokens`, `share_prefix`: see
+    (default: the model's context, so no position is scored beyond what the model was trained on). `batch_tokens`, `share_prefix`: see
     evaluate_task (defaults: packing on CUDA, shared prefix on CPU). Returns {results, centered_results,
     core_metric, partial, tasks_missing, tasks_evaluated, num_examples, seconds}; core_metric is the
     mean centered accuracy over the tasks evaluated, and `partial` says it is not over all 22."""

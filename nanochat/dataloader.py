@@ -1,4 +1,4 @@
-"""The pretraining data loader (SPEC §5.2): reads this rank's share of the shards, tokenizes
+"""The pretraining data loader: reads this rank's share of the shards, tokenizes
 documents with BOS prepended, packs them into rows with BOS-aligned best-fit, and yields
 (inputs, targets, state_dict) forever, where the state resumes the stream *exactly*.
 
@@ -15,7 +15,7 @@ Every row starts with BOS and has no padding. inputs = row[:-1], targets = row[1
 Resume state (JSON-serialisable, a few KB). Yielded with each batch, it describes the loader
 right after that batch:
     pq_idx, rg_idx, epoch  file index, row-group index and epoch of the last chunk read
-                           (upstream's keys and meaning, so checkpoint meta stays compatible)
+                           (the keys other nanochat checkouts save too, so their checkpoints resume)
     next_row               rows of that row group already read: the next chunk starts there
     buffer                 the documents waiting in the buffer, in buffer order, grouped by row
                            group: [[epoch, pq_idx, rg_idx, [row, ...]], ...]
@@ -24,8 +24,8 @@ Buffered documents are always whole (a cropped one is dropped), so re-reading an
 them restores the buffer exactly and a loader built with `resume_state_dict=state` yields the
 very batches the uninterrupted loader would have yielded next, given the same split, data,
 tokenizer, B, T, buffer_size and tokenizer_batch_size. A state holding only pq_idx/rg_idx/epoch
-(upstream's), or one written by another rank or world size, resumes approximately as upstream
-does: at the next row-group round of file pq_idx, with an empty buffer.
+(another checkout's), or one written by another rank or world size, resumes approximately: at
+the next row-group round of file pq_idx, with an empty buffer, so no document is seen twice.
 """
 
 import bisect
@@ -76,9 +76,9 @@ class DocBuffer:
         self.next_seq += 1
 
     def take(self, space):
-        """Upstream's rule (SPEC §5.2, §18.16): remove and return the largest document that fits in
-        `space` tokens (the earliest among equal lengths); if none fits, the shortest (the earliest
-        among equals), cropped to `space`."""
+        """Best fit: remove and return the largest document that fits in `space` tokens (the
+        earliest among equal lengths); if none fits, the shortest (the earliest among equals),
+        cropped to `space`, which throws away the fewest tokens."""
         i = bisect.bisect_right(self.by_len, (space, sys.maxsize))  # by_len[:i] all fit
         j = bisect.bisect_left(self.by_len, (self.by_len[i - 1][0], -1)) if i > 0 else 0
         _, seq = self.by_len.pop(j)
@@ -126,7 +126,7 @@ def _decode_state(state, paths, rank, world_size):
             raise NanochatError(f"the dataloader resume state has a malformed buffer or next_row ({e}); "
                                 f"resume from a checkpoint written by nanochat.") from e
         return cursor, keys
-    # upstream's approximate resume (SPEC §5.2): skip to the next round of row groups of file
+    # approximate resume: skip to the next round of row groups of file
     # pq_idx so nothing repeats; the chunk generator moves to the next file if that is past the end
     rounds = 0 if rg_idx is None else rg_idx // world_size + 1
     return (epoch, pq_idx, rounds * world_size + rank, 0), []
@@ -168,7 +168,8 @@ def tokenizing_distributed_data_loader_with_state_bos_bestfit(
     `tokenizer` needs get_bos_token_id() and encode(list_of_str, prepend=id, num_threads=k).
     rank/world_size default to the torchrun environment (get_dist_info). On CUDA the batch goes
     through one pinned staging buffer into one persistent device buffer, and the yielded tensors
-    are views of it that the next batch overwrites (SPEC §5.2); elsewhere each batch is fresh.
+    are views of it that the next batch overwrites (no allocation per step; copy a batch to keep
+    it); elsewhere each batch is fresh.
     Arguments, files and the resume state are checked here, before the first batch."""
     if rank is None or world_size is None:
         _, env_rank, _, env_world = get_dist_info()
@@ -197,7 +198,7 @@ def _generate(tokenizer, B, T, paths, rank, world_size, threads, chunk_size, dev
     def refill():
         nonlocal cursor
         texts, (epoch, pq_idx, rg_idx, start) = next(chunks)
-        token_lists = tokenizer.encode(texts, prepend=bos, num_threads=threads)  # BOS first, no EOS (SPEC §18.16)
+        token_lists = tokenizer.encode(texts, prepend=bos, num_threads=threads)  # BOS first, no EOS: the next BOS ends a document
         for i, tokens in enumerate(token_lists):
             buffer.add((epoch, pq_idx, rg_idx, start + i), tokens)
         cursor = (epoch, pq_idx, rg_idx, start + len(texts))
@@ -213,7 +214,7 @@ def _generate(tokenizer, B, T, paths, rank, world_size, threads, chunk_size, dev
         for _ in range(B):
             space = capacity
             while space > 0:
-                while len(buffer) < buffer_size:  # refill before every placement, as upstream
+                while len(buffer) < buffer_size:  # refill before every placement: best fit always chooses among buffer_size documents
                     refill()
                 tokens = buffer.take(space)
                 flat.extend(tokens)

@@ -1,11 +1,11 @@
-"""Pretraining text shards (SPEC §5.1): where they live, which file belongs to which split,
+"""Pretraining text shards: where they live, which file belongs to which split,
 reading them one row group at a time, downloading them, and building them from your own text.
 
 A data dir is any folder of parquet files with a `text` column (one document per row). Files
 are taken in name order, `.tmp` files are ignored, and the **last file is the val split**; all
 the others are train. The folder is, in order of precedence: the `data_dir` argument (the
 scripts' `--data-dir`), `$NANOCHAT_DATA_DIR`, `base_dir/base_data_climbmix/` (ClimbMix-400B,
-the current upstream data), `base_dir/base_data/` (legacy FineWeb-Edu, with an upgrade banner).
+what runs train on by default), `base_dir/base_data/` (legacy FineWeb-Edu, with an upgrade banner).
 
     python -m nanochat.dataset -n 8 -w 4                   # first 8 ClimbMix train shards + the val shard
     python -m nanochat.dataset -n 2 --base-url DIR_OR_URL  # from a mirror, a local folder or file:// URL
@@ -14,16 +14,24 @@ the current upstream data), `base_dir/base_data/` (legacy FineWeb-Edu, with an u
 
 import argparse
 import glob
-import json
 import math
 import os
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from fractions import Fraction
 
-from nanochat.common import NanochatError, atomic_path, download_file, get_base_dir, is_url, print0, run_main
+from nanochat.common import (
+    NanochatError,
+    atomic_path,
+    download_file,
+    get_base_dir,
+    is_url,
+    iter_jsonl,
+    print0,
+    run_main,
+)
 
 # -----------------------------------------------------------------------------
-# Where the data lives (SPEC §5.1)
+# Where the data lives
 
 BASE_URL = "https://huggingface.co/datasets/karpathy/climbmix-400b-shuffle/resolve/main"
 MAX_SHARD = 6542  # shards 0..6542; the last one is the val shard
@@ -32,7 +40,7 @@ LEGACY_BASE_URL = "https://huggingface.co/datasets/karpathy/fineweb-edu-100b-shu
 LEGACY_MAX_SHARD = 1822
 LEGACY_DIRNAME = "base_data"
 
-ROW_GROUP_SIZE = 1024  # documents per row group, as upstream's shards (SPEC §5.3)
+ROW_GROUP_SIZE = 1024  # documents per row group, as in the published ClimbMix shards
 TEXT_SUFFIXES = (".txt", ".md", ".jsonl")
 DEFAULT_DOC_CHARS = 2000  # converter: ~500 tokens per document, so rows of T=2048 pack several
 
@@ -62,7 +70,7 @@ def resolve_data_dir(data_dir=None, warn_on_legacy=False):
     climbmix, legacy = os.path.join(base, DATA_DIRNAME), os.path.join(base, LEGACY_DIRNAME)
     if not os.path.isdir(climbmix) and os.path.isdir(legacy):
         if warn_on_legacy:
-            print0("=" * 80 + f"\nUsing the legacy FineWeb-Edu shards in {legacy}.\nUpstream nanochat now trains on "
+            print0("=" * 80 + f"\nUsing the legacy FineWeb-Edu shards in {legacy}.\nnanochat now trains on "
                    "ClimbMix-400B; get it with `python -m nanochat.dataset -n 170` (and delete the old dir).\n" + "=" * 80)
         return legacy
     if not os.path.isdir(climbmix):
@@ -82,7 +90,7 @@ def list_parquet_files(data_dir=None, warn_on_legacy=False):
 
 
 def split_parquet_files(split, data_dir=None, warn_on_legacy=False):
-    """The files of one split: the last file is val, all others train (SPEC §5.1)."""
+    """The files of one split: the last file is val, all others train."""
     if split not in ("train", "val"):
         raise ValueError(f"split must be 'train' or 'val', not {split!r}")
     paths = list_parquet_files(data_dir, warn_on_legacy)
@@ -141,7 +149,7 @@ def verify_parquet(path):
 
 
 # -----------------------------------------------------------------------------
-# Downloading (SPEC §5.1: resumable, retried 2/4/8/16 s, atomic; here also verified and parallel)
+# Downloading: resumable, retried after 2/4/8/16 s, atomic, verified, several files in parallel
 
 
 def _source(base_url, name):
@@ -232,20 +240,14 @@ def list_text_files(src_dir):
 
 def _file_texts(path):
     """The raw documents of one file: the whole file for .txt/.md, each line's `text` for .jsonl."""
-    with open(path, encoding="utf-8", errors="replace") as f:  # a stray bad byte becomes U+FFFD
-        if not path.lower().endswith(".jsonl"):
+    if not path.lower().endswith(".jsonl"):
+        with open(path, encoding="utf-8", errors="replace") as f:  # a stray bad byte becomes U+FFFD
             yield f.read()
-            return
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise NanochatError(f"{path}:{lineno} is not valid JSON ({e}); fix or remove that line.") from e
-            if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-                raise NanochatError(f"{path}:{lineno} has no string 'text' field; every .jsonl line needs one.")
-            yield record["text"]
+        return
+    for lineno, record in iter_jsonl(path):
+        if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+            raise NanochatError(f"{path}:{lineno}: no string 'text' field; every .jsonl line needs one.")
+        yield record["text"]
 
 
 def iter_text_documents(src_dir, doc_chars=DEFAULT_DOC_CHARS, files=None, progress=None):
@@ -259,8 +261,8 @@ def iter_text_documents(src_dir, doc_chars=DEFAULT_DOC_CHARS, files=None, progre
 
 
 def write_shard(path, texts, row_group_size=ROW_GROUP_SIZE):
-    """Write documents as a parquet shard in upstream's layout (SPEC §5.3: `text` column, zstd 3,
-    no dictionary, no statistics), atomically."""
+    """Write documents as a parquet shard laid out as the published shards are (`text` column,
+    zstd 3, no dictionary, no statistics), atomically."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 

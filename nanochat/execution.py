@@ -83,7 +83,7 @@ from dataclasses import dataclass
 from nanochat.common import NanochatError, logger
 
 # ---------------------------------------------------------------------------------------------
-# Calculator (SPEC §10.3)
+# Calculator (docs/security.md#the-calculator)
 
 CALCULATOR_MAX_CHARS = 1000
 _ARITHMETIC_CHARS = frozenset("0123456789+-*/.() ")
@@ -120,19 +120,19 @@ def _only_safe_method_calls(expr):
 def use_calculator(expr):
     """Evaluate a calculator expression; the result (rendered by the caller with str()) or None.
 
-    SPEC §10.3 bounds the eval with a 3 s SIGALRM, which only works on the main thread, while
-    the engine runs in web-server worker threads. So instead every accepted expression is cheap
-    by construction, checked before eval:
+    A SIGALRM timeout around the eval would only work on the main thread, while the engine runs
+    in web-server worker threads. So instead every accepted expression is cheap by construction,
+    checked before eval:
       - at most CALCULATOR_MAX_CHARS characters;
       - arithmetic: only digits, + - * / . ( ) and spaces, no `**`. Without a power operator
         and without names, n characters can only build integers of at most n digits, so the
         work is polynomial in n (microseconds at n = 1000) and str() of the result stays under
         Python's 4300-digit limit; deep nesting is a SyntaxError from the parser;
-      - string expressions: the SPEC allow-list (characters, forbidden substrings, `.count(`)
+      - string expressions: an allow-list (characters, forbidden substrings, `.count(`)
         plus an AST check that allows only constants and non-growing string methods, so no
         call can allocate more than the expression's own length (`'a'.ljust(10**10)`,
-        nested `.join`/`.replace` are refused). Commas are removed first (SPEC), so no call
-        has more than one argument.
+        nested `.join`/`.replace` are refused). Commas are removed first (the model writes
+        numbers like 1,000), so no call has more than one argument.
     Any exception → None."""
     if not isinstance(expr, str):
         return None

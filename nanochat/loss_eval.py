@@ -6,6 +6,8 @@ import math
 import torch
 import torch.distributed as dist
 
+NATS_UNIT = 2.0**30  # fixed-point scale of the loss sum (see evaluate_bpb)
+
 
 @torch.no_grad()
 def evaluate_bpb(model, batches, steps, token_bytes):
@@ -13,22 +15,30 @@ def evaluate_bpb(model, batches, steps, token_bytes):
     batches of (inputs, targets[, ...]) and return nats / (ln 2 * bytes), summed over ranks.
     Special tokens have 0 bytes in token_bytes and targets < 0 are ignored: neither counts."""
     device = token_bytes.device
-    total_nats = torch.zeros((), dtype=torch.float64, device=device)
+    # The nats are summed in fixed point, int64 units of 2^-30 nats: integer sums are exact and
+    # independent of order, so one process and N ranks give the same bits, and no float64 is
+    # needed (Apple's MPS has none). fp32 losses above 2^-7 nats are exact multiples of 2^-30.
+    total_nats = torch.zeros((), dtype=torch.int64, device=device)
+    nonfinite = torch.zeros((), dtype=torch.int64, device=device)
     total_bytes = torch.zeros((), dtype=torch.int64, device=device)
     batch_iter = iter(batches)
     for _ in range(steps):
         x, y = next(batch_iter)[:2]
-        loss = model(x, y, loss_reduction="none").view(-1).to(torch.float64)
+        loss = model(x, y, loss_reduction="none").view(-1).float()
         y = y.reshape(-1)
         valid = y >= 0
         num_bytes = torch.where(valid, token_bytes[y.clamp(min=0)], torch.zeros_like(y, dtype=token_bytes.dtype))
-        counted = num_bytes > 0
-        total_nats += torch.where(counted, loss, 0.0).sum().to(device)  # where, not *: 0 * nan is nan
+        counted = torch.where(num_bytes > 0, loss, 0.0).to(device)  # where, not *: 0 * nan is nan
+        finite = torch.isfinite(counted)
+        nonfinite += (~finite).sum()
+        total_nats += (torch.where(finite, counted, 0.0) * NATS_UNIT).to(torch.int64).sum()
         total_bytes += num_bytes.sum().to(device, torch.int64)
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(total_nats, op=dist.ReduceOp.SUM)
-        dist.all_reduce(total_bytes, op=dist.ReduceOp.SUM)
+        for t in (total_nats, nonfinite, total_bytes):
+            dist.all_reduce(t, op=dist.ReduceOp.SUM)
     total_bytes = total_bytes.item()
     if total_bytes == 0:
         return float("inf")
-    return total_nats.item() / (math.log(2) * total_bytes)
+    if nonfinite.item():
+        return float("nan")
+    return total_nats.item() / NATS_UNIT / (math.log(2) * total_bytes)

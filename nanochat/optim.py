@@ -390,15 +390,16 @@ class MuonAdamW(torch.optim.Optimizer):
     # --- checkpoints -------------------------------------------------------------
 
     def load_state_dict(self, state_dict):
-        """torch's loader, plus a check that the shard was written by a rank of the same layout
-        (the state shapes depend on the world size, SPEC §18 item 15)."""
-        super().load_state_dict(state_dict)
+        """torch's loader, plus a check that every state tensor has the shape this rank's layout
+        gives it. Muon state may also come in the reference implementation's layout, where every
+        rank keeps a full chunk of ceil(K/W) matrices (padding included, even on a rank that
+        owns none): it is trimmed to the matrices this rank owns."""
+        super().load_state_dict(self._trim_muon_chunks(state_dict))
         for group in self.param_groups:
             params = group["params"]
             if group["kind"] == "muon" and params:
                 _, _, n = self._muon_owned(len(params))
-                expected = {"momentum_buffer": (n, *params[0].shape)}
-                checks = [(params[0], expected)]
+                checks = [(params[0], {"momentum_buffer": (n, *params[0].shape)})]
             else:
                 checks = [(p, {k: ((p.shape[0] // self.world_size, *p.shape[1:]) if self._is_sharded(p)
                                    else tuple(p.shape)) for k in ("exp_avg", "exp_avg_sq")}) for p in params]
@@ -407,9 +408,58 @@ class MuonAdamW(torch.optim.Optimizer):
                     value = self.state.get(p, {}).get(key)
                     if value is not None and tuple(value.shape) != tuple(shape):
                         raise NanochatError(
-                            f"optimizer state {key} has shape {tuple(value.shape)} but this rank expects {tuple(shape)}; "
-                            f"the checkpoint was written with a different number of ranks ({self.world_size} now). "
-                            f"Resume with the same world size.")
+                            f"optimizer state {key} of a {tuple(p.shape)} parameter has shape {tuple(value.shape)}, "
+                            f"but rank {self.rank} of {self.world_size} expects {tuple(shape)}: the shard was written "
+                            f"for other parameter groups or another rank layout.")
+
+    def _trim_muon_chunks(self, state_dict):
+        """A copy of state_dict whose Muon state keeps only the matrices this rank owns."""
+        saved_groups, state = state_dict.get("param_groups", []), dict(state_dict.get("state", {}))
+        for group, saved in zip(self.param_groups, saved_groups):
+            if group["kind"] != "muon" or not group["params"] or not saved.get("params"):
+                continue
+            chunk, _, n = self._muon_owned(len(group["params"]))
+            first = saved["params"][0]
+            entry = state.get(first)
+            if not entry or n == chunk or getattr(entry.get("momentum_buffer"), "shape", (n,))[0] != chunk:
+                continue
+            if n == 0:
+                del state[first]  # a rank that owns none of the group's matrices keeps no state
+            else:
+                state[first] = {k: v[:n] if torch.is_tensor(v) and v.dim() == 3 else v for k, v in entry.items()}
+        return {**state_dict, "state": state}
+
+
+# -----------------------------------------------------------------------------
+# Loss scaling for fp16 activations
+
+
+def grad_scaler(device):
+    """A GradScaler when the activations are fp16 (small gradients underflow there unless the
+    loss is scaled up first), else None. Pair with optimizer_step()."""
+    return torch.amp.GradScaler(device.type) if COMPUTE_DTYPE == torch.float16 else None
+
+
+def scale_loss(loss, scaler):
+    return scaler.scale(loss) if scaler is not None else loss
+
+
+def optimizer_step(optimizer, scaler):
+    """optimizer.step(); with a GradScaler: unscale the gradients, agree across ranks whether any
+    rank's are inf/NaN (the optimizer's collectives need every rank to skip the same steps),
+    step only if none are, and update the scale. Returns False for a skipped step."""
+    if scaler is None:
+        optimizer.step()
+        return True
+    scaler.unscale_(optimizer)
+    found = scaler._found_inf_per_device(optimizer)
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        for found_inf in found.values():
+            dist.all_reduce(found_inf, op=dist.ReduceOp.MAX)
+    skipped = any(v.item() for v in found.values())
+    scaler.step(optimizer)
+    scaler.update()
+    return not skipped
 
 
 # -----------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""The run report card (SPEC §12.1): every stage logs its figures as a markdown section, and
+"""The run report card: every stage logs its figures as a markdown section, and
 `generate` stitches them into report.md (plus a self-contained report.html) with a summary
 table, the wall-clock time, a cost estimate and plots of each stage's training curves.
 
@@ -11,10 +11,9 @@ From a stage (rank 0 writes, every other rank gets a no-op report):
     from nanochat.report import get_report
     get_report().log(section="Base model training", data=[{"min_val_bpb": 0.81}, "free text"])
 
-Fixes over upstream: section titles map to files by slug *and* alias ("SFT" and "Chat SFT" both
-land in chat-sft.md, so the SFT section reaches report.md); summary values come from the
-"- key: value" lines of each section, not from substring matches in prose; a missing stage
-becomes a one-line note instead of a crash.
+Section titles map to files by slug *and* alias ("SFT" and "Chat SFT" both land in chat-sft.md);
+summary values come from the "- key: value" lines of each section, never from words in prose; a
+missing stage becomes a one-line note instead of a crash.
 
 `parse_json_lines` reads the final JSON line each stage prints ({"base_train": {...}}) out of a
 log that mixes it with prose; the research run scripts use it (`parse-json`) to fill their CSVs.
@@ -35,7 +34,9 @@ import shutil
 import subprocess
 import sys
 
-from nanochat.common import NanochatError, atomic_path, get_base_dir, get_dist_info, run_main
+from markdown_it import MarkdownIt
+
+from nanochat.common import NanochatError, atomic_path, get_base_dir, get_dist_info, iter_jsonl, run_main
 
 TIME_FORMAT = "%Y-%m-%d %H:%M:%S"
 
@@ -53,7 +54,7 @@ SECTIONS = [
 ]
 SECTION_TITLES = dict(SECTIONS)
 
-# Other names a stage may log under. Upstream's SFT logged "SFT", which never reached report.md.
+# Other names a stage may log under, so that e.g. a section logged as "SFT" still reaches report.md.
 ALIASES = {
     "tok-train": "tokenizer-training", "tokenizer": "tokenizer-training",
     "tok-eval": "tokenizer-evaluation",
@@ -271,19 +272,7 @@ def _lookup_field(value, field):
 
 def read_train_log(path):
     """Records of a train_log.jsonl; a torn last line (crash mid-write) is skipped."""
-    records = []
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            line = line.strip()
-            if not line:
-                continue
-            try:
-                rec = json.loads(line)
-            except ValueError:
-                continue
-            if isinstance(rec, dict):
-                records.append(rec)
-    return records
+    return [rec for _, rec in iter_jsonl(path, skip_bad=True) if isinstance(rec, dict)]
 
 
 # -----------------------------------------------------------------------------
@@ -360,42 +349,28 @@ def gpu_info():
 
 
 def gpu_hourly_rate(name):
-    env = os.environ.get("NANOCHAT_GPU_HOURLY_RATE")
-    if env and to_number(env) is not None:
-        return to_number(env)
-    for key, rate in GPU_HOURLY_RATES:
-        if key.lower() in name.lower():
-            return rate
-    return DEFAULT_GPU_RATE
+    """$/hour of one GPU of this name: NANOCHAT_GPU_HOURLY_RATE if set, else a rough cloud price."""
+    env = to_number(os.environ.get("NANOCHAT_GPU_HOURLY_RATE"))
+    if env is not None:
+        return env
+    return next((rate for key, rate in GPU_HOURLY_RATES if key.lower() in name.lower()), DEFAULT_GPU_RATE)
 
 
 def bloat_metrics(root=None):
-    """Size of the code base: characters, lines, files (git-tracked sources), tokens ~ chars/4."""
+    """Size of the code base (git-tracked sources): characters, lines, files, tokens ~ chars/4."""
     root = root or REPO_ROOT
     listing = _run(["git", "ls-files"], root)
     if listing is None:
         return None
-    chars = lines = files = 0
+    texts = []
     for rel in listing.splitlines():
-        if not rel.endswith(BLOAT_EXTENSIONS):
-            continue
         path = os.path.join(root, rel)
-        try:
+        if rel.endswith(BLOAT_EXTENSIONS) and os.path.isfile(path):  # tracked files may be deleted in the tree
             with open(path, encoding="utf-8", errors="replace") as f:
-                text = f.read()
-        except OSError:  # tracked but deleted in the working tree
-            continue
-        files += 1
-        chars += len(text)
-        lines += text.count("\n")
-    metrics = {"Characters": chars, "Lines": lines, "Files": files, "Tokens (approx)": chars // 4}
-    pyproject = os.path.join(root, "pyproject.toml")
-    if os.path.exists(pyproject):
-        with open(pyproject) as f:
-            m = re.search(r"^dependencies\s*=\s*\[(.*?)\]", f.read(), re.MULTILINE | re.DOTALL)
-        if m:
-            metrics["Dependencies (pyproject)"] = len(re.findall(r"^\s*\"", m.group(1), re.MULTILINE))
-    return metrics
+                texts.append(f.read())
+    chars = sum(len(t) for t in texts)
+    return {"Characters": chars, "Lines": sum(t.count("\n") for t in texts), "Files": len(texts),
+            "Tokens (approx)": chars // 4}
 
 
 def render_header(now=None):
@@ -422,12 +397,11 @@ def render_header(now=None):
         out += [f"- GPUs: {len(gpus)} x {', '.join(names)}",
                 f"- GPU memory: {sum(v for _, v in gpus) / 1024**3:.1f} GB total",
                 f"- CUDA: {cuda}",
-                f"- Hourly rate: ${rate:.2f}"]
+                f"- Hourly rate: ${rate:.2f}",
+                "- Rate source: " + ("NANOCHAT_GPU_HOURLY_RATE" if os.environ.get("NANOCHAT_GPU_HOURLY_RATE")
+                                     else "a typical cloud price per GPU; set NANOCHAT_GPU_HOURLY_RATE to yours")]
     else:
         out += ["- GPUs: none", "- Hourly rate: n/a (no GPU)"]
-    out += ["", "Hourly cost estimate per GPU (override with NANOCHAT_GPU_HOURLY_RATE):", "",
-            "| GPU | $/GPU/hour |", "|---|---|"]
-    out += [f"| {k} | {r:.2f} |" for k, r in GPU_HOURLY_RATES] + [f"| other | {DEFAULT_GPU_RATE:.2f} |"]
     try:
         import torch
         torch_version = torch.__version__
@@ -527,135 +501,36 @@ def plot_train_log(records, title, path):
 
 
 # -----------------------------------------------------------------------------
-# Markdown -> HTML for the subset the report emits
-
-
-def _inline(text, image_root):
-    parts = re.split(r"(`[^`]*`)", text)
-    out = []
-    for part in parts:
-        if part.startswith("`") and part.endswith("`") and len(part) >= 2:
-            out.append(f"<code>{html.escape(part[1:-1])}</code>")
-            continue
-        s = html.escape(part, quote=False)
-
-        def image(m):
-            alt, src = m.group(1), html.unescape(m.group(2))
-            return f'<img alt="{html.escape(alt)}" src="{_data_uri(src, image_root)}">'
-
-        s = re.sub(r"!\[([^\]]*)\]\(([^)\s]+)\)", image, s)
-        s = re.sub(r"\[([^\]]+)\]\(([^)\s]+)\)", lambda m: f'<a href="{html.escape(html.unescape(m.group(2)))}">{m.group(1)}</a>', s)
-        s = re.sub(r"\*\*(.+?)\*\*", r"<strong>\1</strong>", s)
-        out.append(s)
-    return "".join(out)
+# report.md -> report.html
 
 
 def _data_uri(src, image_root):
-    """Embed a local image as a base64 data URI so report.html stands alone."""
+    """A local image as a base64 data URI, so report.html stands alone; other sources unchanged."""
     path = src if os.path.isabs(src) or image_root is None else os.path.join(image_root, src)
     if not os.path.isfile(path):
-        return html.escape(src)
-    ext = os.path.splitext(path)[1].lower().lstrip(".")
-    mime = {"png": "image/png", "jpg": "image/jpeg", "jpeg": "image/jpeg", "svg": "image/svg+xml", "gif": "image/gif"}.get(ext, "application/octet-stream")
+        return src
+    mime = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".svg": "image/svg+xml",
+            ".gif": "image/gif"}.get(os.path.splitext(path)[1].lower(), "application/octet-stream")
     with open(path, "rb") as f:
         return f"data:{mime};base64,{base64.b64encode(f.read()).decode('ascii')}"
 
 
-def _cells(row):
-    row = row.strip()
-    if row.startswith("|"):
-        row = row[1:]
-    if row.endswith("|"):
-        row = row[:-1]
-    return [c.strip() for c in row.split("|")]
-
-
-_TABLE_SEP = re.compile(r"^\s*\|?\s*:?-{2,}:?\s*(\|\s*:?-{2,}:?\s*)*\|?\s*$")
-_LIST_ITEM = re.compile(r"^(\s*)[-*] (.*)$")
-
-
 def markdown_to_html(md, image_root=None, title="nanochat report"):
-    """Headings, paragraphs, (nested) bullet lists, pipe tables, fenced code, inline code, bold,
-    links and images; local images become data URIs. Enough for what report.md contains."""
-    lines = md.splitlines()
-    body, para, i = [], [], 0
-
-    def flush():
-        if para:
-            body.append("<p>" + "<br>\n".join(_inline(p, image_root) for p in para) + "</p>")
-            para.clear()
-
-    while i < len(lines):
-        line = lines[i]
-        if line.lstrip().startswith("```"):
-            flush()
-            i += 1
-            code = []
-            while i < len(lines) and not lines[i].lstrip().startswith("```"):
-                code.append(lines[i])
-                i += 1
-            body.append(f"<pre><code>{html.escape(chr(10).join(code))}</code></pre>")
-            i += 1
-            continue
-        m = re.match(r"^(#{1,6})\s+(.*)$", line)
-        if m:
-            flush()
-            level = len(m.group(1))
-            body.append(f"<h{level}>{_inline(m.group(2).strip(), image_root)}</h{level}>")
-            i += 1
-            continue
-        if "|" in line and i + 1 < len(lines) and _TABLE_SEP.match(lines[i + 1]):
-            flush()
-            head = _cells(line)
-            rows = []
-            i += 2
-            while i < len(lines) and "|" in lines[i] and lines[i].strip():
-                rows.append(_cells(lines[i]))
-                i += 1
-            t = ["<table>", "<thead><tr>" + "".join(f"<th>{_inline(c, image_root)}</th>" for c in head) + "</tr></thead>", "<tbody>"]
-            t += ["<tr>" + "".join(f"<td>{_inline(c, image_root)}</td>" for c in r) + "</tr>" for r in rows]
-            body.append("\n".join(t + ["</tbody>", "</table>"]))
-            continue
-        if _LIST_ITEM.match(line):
-            flush()
-            items = []
-            while i < len(lines) and _LIST_ITEM.match(lines[i]):
-                m = _LIST_ITEM.match(lines[i])
-                items.append((len(m.group(1).expandtabs(4)), m.group(2)))
-                i += 1
-            body.append(_render_list(items, image_root))
-            continue
-        if not line.strip():
-            flush()
-        else:
-            para.append(line.strip())
-        i += 1
-    flush()
+    """CommonMark with pipe tables, one line break per newline, raw HTML escaped (sections quote
+    model samples); local images become data URIs."""
+    parser = MarkdownIt("commonmark", {"breaks": True, "html": False, "xhtmlOut": False}).enable("table")
+    tokens = parser.parse(md)
+    for token in tokens:
+        for child in token.children or []:
+            if child.type == "image":
+                child.attrSet("src", _data_uri(child.attrGet("src"), image_root))
     style = ("body{font-family:system-ui,sans-serif;max-width:1000px;margin:2em auto;padding:0 1em;line-height:1.45;color:#222}"
              "table{border-collapse:collapse;margin:1em 0}th,td{border:1px solid #ccc;padding:4px 10px;text-align:left}"
              "th{background:#f4f4f4}pre{background:#f6f8fa;padding:10px;overflow-x:auto}code{font-size:90%}"
              "img{max-width:100%}h2{border-bottom:1px solid #eee;padding-bottom:4px;margin-top:1.6em}")
     return ("<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n"
             f"<title>{html.escape(title)}</title>\n<style>{style}</style>\n</head>\n<body>\n"
-            + "\n".join(body) + "\n</body>\n</html>\n")
-
-
-def _render_list(items, image_root):
-    out, stack = [], []  # stack: indents of the open <ul>s
-    for indent, text in items:
-        if not stack or indent > stack[-1]:
-            out.append("<ul>")
-            stack.append(indent)
-        else:
-            while len(stack) > 1 and indent < stack[-1]:
-                out.append("</li></ul>")
-                stack.pop()
-            out.append("</li>")
-        out.append("<li>" + _inline(text, image_root))
-    while stack:
-        out.append("</li></ul>")
-        stack.pop()
-    return "".join(out)
+            + parser.renderer.render(tokens, parser.options, {}) + "</body>\n</html>\n")
 
 
 # -----------------------------------------------------------------------------

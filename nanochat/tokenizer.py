@@ -1,14 +1,13 @@
-"""The BPE tokenizer (SPEC §6): training, encoding/decoding, the special tokens, chat
-rendering with loss masks, and interoperability (upstream's pickle, Hugging Face's
-tokenizer.json).
+"""The BPE tokenizer: training, encoding/decoding, the special tokens, the chat format (its
+check and its rendering with loss masks), and interoperability (the pickle every nanochat
+checkout reads, Hugging Face's tokenizer.json).
 
 Training uses rustbpe and encoding uses tiktoken: bench/tokenizer.py measures the
 alternatives (HF `tokenizers` for training) on the same text. The trained merges become a
-tiktoken Encoding; we save it as upstream does, a pickle at base_dir/tokenizer/tokenizer.pkl
-beside token_bytes.pt, so the two projects can read each other's tokenizers.
+tiktoken Encoding, pickled to base_dir/tokenizer/tokenizer.pkl beside token_bytes.pt: the
+layout other nanochat checkouts read and write, so a tokenizer trained by one works in the other.
 """
 
-import copy
 import io
 import json
 import logging
@@ -21,7 +20,7 @@ import tiktoken
 from nanochat.common import NanochatError, atomic_path, get_base_dir
 
 # GPT-4's (cl100k) split pattern with one change: numbers split in runs of 1-2 digits, not
-# 1-3 (SPEC §6.1; better for small vocabularies). Training and encoding both use this constant.
+# 1-3 (3-digit chunks would spend ~1000 slots of a small vocabulary on numbers). Training and encoding both use this constant.
 SPLIT_PATTERN = (
     r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,2}| ?[^\s\p{L}\p{N}]++[\r\n]*|\s*[\r\n]|\s+(?!\S)|\s+"""
 )
@@ -39,6 +38,49 @@ DEFAULT_VOCAB_SIZE = 32768
 MIN_VOCAB_SIZE = 256 + len(SPECIAL_TOKENS)
 
 
+PART_TYPES = ("text", "python", "python_output")  # what an assistant message's parts may be
+
+
+class ConversationError(NanochatError, ValueError):
+    """A conversation that is not in the chat format; the message says what is wrong."""
+
+
+def check_conversation(messages, where=None, reply_needed=False):
+    """Raise ConversationError unless `messages` is a chat: an optional system message, then
+    messages alternating user, assistant, user, ...; a user's content is a string, an assistant's
+    a string or a list of {"type": text|python|python_output, "text": str} parts. reply_needed: at
+    least one assistant message (data to train on). `where` (a file and line) prefixes the error."""
+
+    def bad(problem):
+        raise ConversationError(f"{where}: {problem}" if where else problem)
+
+    if not isinstance(messages, list):
+        bad(f"expected a JSON array of messages, found a {type(messages).__name__}.")
+    system = 1 if messages and isinstance(messages[0], dict) and messages[0].get("role") == "system" else 0
+    if len(messages) - system < (2 if reply_needed else 1):
+        bad("a conversation needs at least a user and an assistant message." if reply_needed else
+            "the conversation has no user message.")
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or "role" not in m or "content" not in m:
+            bad(f"message {i} must be an object with \"role\" and \"content\".")
+        expected = "system" if i < system else ("user" if (i - system) % 2 == 0 else "assistant")
+        if m["role"] != expected:
+            bad("a system message must be followed by a user message." if system and i == 1 else
+                f"message {i} has role {m['role']!r} but {expected!r} was expected; roles must alternate user, "
+                f"assistant, user, ... after an optional system message.")
+        content = m["content"]
+        if isinstance(content, str):
+            continue
+        if expected != "assistant":
+            bad(f"message {i} ({expected}) must have string content.")
+        if not isinstance(content, list) or not all(isinstance(p, dict) and isinstance(p.get("text"), str) for p in content):
+            bad(f"message {i} (assistant) must be a string or a list of {{\"type\", \"text\"}} parts.")
+        unknown = [p.get("type") for p in content if p.get("type") not in PART_TYPES]
+        if unknown:
+            bad(f"message {i} has an unknown assistant content part type {unknown[0]!r}; "
+                f"the types are {', '.join(PART_TYPES)}.")
+
+
 class _EncodingUnpickler(pickle.Unpickler):
     """Unpickles a tiktoken Encoding and nothing else: a tokenizer file from the internet
     must not be able to run code."""
@@ -50,7 +92,7 @@ class _EncodingUnpickler(pickle.Unpickler):
 
 
 class Tokenizer:
-    """Byte-level BPE over tiktoken. Interface as upstream's RustBPETokenizer (SPEC §6.2)."""
+    """Byte-level BPE over tiktoken, with the method names that nanochat code calls everywhere."""
 
     def __init__(self, enc, bos_token="<|bos|>"):
         self.enc = enc
@@ -82,7 +124,7 @@ class Tokenizer:
 
     @classmethod
     def from_directory(cls, tokenizer_dir):
-        """Load tokenizer.pkl (ours or upstream nanochat's: a pickled tiktoken Encoding)."""
+        """Load tokenizer.pkl (a pickled tiktoken Encoding, as every nanochat checkout writes it)."""
         path = os.path.join(tokenizer_dir, "tokenizer.pkl")
         if not os.path.exists(path):
             raise NanochatError(f"no tokenizer at {path}; train one with `python -m scripts.tok_train` "
@@ -137,8 +179,9 @@ class Tokenizer:
         return self.enc.decode_single_token_bytes(token_id)
 
     def token_bytes(self):
-        """int32 tensor (vocab,): UTF-8 byte length of every token from its raw bytes (head's
-        fix, SPEC §6.4), 0 for special tokens so bits-per-byte ignores them."""
+        """int32 tensor (vocab,): UTF-8 byte length of every token from its raw bytes (decoding a
+        lone byte of a multi-byte character would count U+FFFD's 3), 0 for special tokens so
+        bits-per-byte ignores them."""
         import torch
 
         special = set(self.enc._special_tokens.values())
@@ -181,79 +224,50 @@ class Tokenizer:
 
     # --- chat -------------------------------------------------------------------------
 
+    def render_message(self, message):
+        """Tokens and loss mask of one user or assistant message of a valid conversation: the
+        one place a chat message becomes tokens. Only what the assistant writes is trained on:
+        its text, its python calls and <|assistant_end|>; never <|assistant_start|>, user turns
+        or tool outputs (the tool writes those at inference time, not the model)."""
+        s, content = self.encode_special, message["content"]
+        if message["role"] == "user":
+            ids = [s("<|user_start|>"), *self.encode(content), s("<|user_end|>")]
+            return ids, [0] * len(ids)
+        parts = [{"type": "text", "text": content}] if isinstance(content, str) else content
+        ids, mask = [s("<|assistant_start|>")], [0]
+        for part in parts:
+            text = self.encode(part["text"])
+            if part["type"] == "python":
+                text = [s("<|python_start|>"), *text, s("<|python_end|>")]
+            elif part["type"] == "python_output":
+                text = [s("<|output_start|>"), *text, s("<|output_end|>")]
+            ids += text
+            mask += [int(part["type"] != "python_output")] * len(text)
+        return ids + [s("<|assistant_end|>")], mask + [1]
+
     def render_conversation(self, conversation, max_tokens=2048):
-        """Tokens and loss mask (1 = trained on) of a conversation {"messages": [...]}; SPEC §6.3.
-        Only what the assistant writes is trained: its text, its python calls and
-        <|assistant_end|>; never <|assistant_start|>, user turns or tool outputs."""
+        """Tokens and loss mask (1 = trained on) of a conversation {"messages": [...]}, cropped to
+        max_tokens: <|bos|>, then each message. A leading system message is merged into the first
+        user message (the format has no system role)."""
         messages = conversation["messages"]
-        if messages and messages[0]["role"] == "system":
-            # no system role in the format: merge it into the first user message
-            if len(messages) < 2 or messages[1]["role"] != "user":
-                raise ValueError("a system message must be followed by a user message")
-            messages = copy.deepcopy(messages)
-            messages[1]["content"] = messages[0]["content"] + "\n\n" + messages[1]["content"]
-            messages = messages[1:]
-        if not messages:
-            raise ValueError("conversation has no messages")
-
-        ids, mask = [], []
-
-        def add(token_ids, m):
-            if isinstance(token_ids, int):
-                token_ids = [token_ids]
-            ids.extend(token_ids)
-            mask.extend([m] * len(token_ids))
-
-        s = self.encode_special
-        add(self.get_bos_token_id(), 0)
-        for i, message in enumerate(messages):
-            expected = "user" if i % 2 == 0 else "assistant"
-            if message["role"] != expected:
-                raise ValueError(f"message {i} has role {message['role']!r}, expected {expected!r}: "
-                                 f"roles must alternate user, assistant, user, ...")
-            content = message["content"]
-            if expected == "user":
-                if not isinstance(content, str):
-                    raise ValueError(f"user message {i} must be a string")
-                add(s("<|user_start|>"), 0)
-                add(self.encode(content), 0)
-                add(s("<|user_end|>"), 0)
-                continue
-            add(s("<|assistant_start|>"), 0)
-            if isinstance(content, str):
-                add(self.encode(content), 1)
-            elif isinstance(content, list):
-                for part in content:
-                    kind, value = part.get("type"), self.encode(part["text"])
-                    if kind == "text":
-                        add(value, 1)
-                    elif kind == "python":
-                        add(s("<|python_start|>"), 1)
-                        add(value, 1)
-                        add(s("<|python_end|>"), 1)
-                    elif kind == "python_output":
-                        # produced by the tool at inference time, never by the model
-                        add(s("<|output_start|>"), 0)
-                        add(value, 0)
-                        add(s("<|output_end|>"), 0)
-                    else:
-                        raise ValueError(f"unknown assistant content part type {kind!r}")
-            else:
-                raise ValueError(f"assistant message {i} must be a string or a list of parts")
-            add(s("<|assistant_end|>"), 1)
+        check_conversation(messages)
+        if messages[0]["role"] == "system":
+            messages = [{**messages[1], "content": messages[0]["content"] + "\n\n" + messages[1]["content"]}, *messages[2:]]
+        ids, mask = [self.get_bos_token_id()], [0]
+        for message in messages:
+            message_ids, message_mask = self.render_message(message)
+            ids += message_ids
+            mask += message_mask
         return ids[:max_tokens], mask[:max_tokens]
 
     def render_for_completion(self, conversation):
         """Prompt for the model to answer: the conversation minus its final assistant message,
         ending in <|assistant_start|> (used by RL and chat evaluation)."""
-        conversation = copy.deepcopy(conversation)
         messages = conversation["messages"]
         if not messages or messages[-1]["role"] != "assistant":
-            raise ValueError("render_for_completion needs a conversation ending with an assistant message")
-        messages.pop()
-        ids, _ = self.render_conversation(conversation)
-        ids.append(self.encode_special("<|assistant_start|>"))
-        return ids
+            raise ConversationError("render_for_completion needs a conversation ending with an assistant message.")
+        ids, _ = self.render_conversation({"messages": messages[:-1]})
+        return ids + [self.encode_special("<|assistant_start|>")]
 
     def visualize_tokenization(self, ids, mask, with_token_id=False):
         """Debug view: supervised tokens green, the rest red, tokens separated by '|'."""
@@ -307,7 +321,7 @@ class Tokenizer:
         return cls(tiktoken.Encoding(name="nanochat", pat_str=pattern, mergeable_ranks=ranks, special_tokens=special))
 
 
-RustBPETokenizer = Tokenizer  # upstream's name, for people's scripts
+RustBPETokenizer = Tokenizer  # the name scripts written for other nanochat checkouts import
 
 
 class _CountingIterator:

@@ -1,4 +1,4 @@
-"""Evaluate a base model (SPEC §7.3): the CORE metric, bits per byte on the train and val
+"""Evaluate a base model (docs/evaluation.md): the CORE metric, bits per byte on the train and val
 splits, and a few samples.
 
     python -m scripts.base_eval                                   # largest base model, all three
@@ -52,11 +52,11 @@ def parse_args(argv=None):
                    help="CORE eval bundle: unzipped directory, eval_bundle.zip or URL (default: download once)")
     p.add_argument("--core-tasks", default=None, help="comma-separated CORE task labels (default: all in the bundle)")
     p.add_argument("--core-batch-tokens", type=int, default=-1,
-                   help=f"tokens per packed CORE forward (0: one example per forward, as upstream; "
+                   help=f"tokens per packed CORE forward (0: one full forward per example; "
                         f"-1: {core_eval.DEFAULT_BATCH_TOKENS} on CUDA, 0 elsewhere)")
     p.add_argument("--core-share-prefix", choices=("auto", "on", "off"), default="auto",
                    help="score each CORE example's unscored prompt prefix once, without the lm_head "
-                        "(auto: on for nanochat models when not packing, i.e. on CPU; off: upstream's "
+                        "(auto: on for nanochat models when not packing, i.e. on CPU; off: "
                         "one full forward per example)")
     p.add_argument("--data-dir", default=None, help="pretraining shards for bpb (default: base_dir/base_data)")
     args = p.parse_args(argv)
@@ -118,7 +118,7 @@ class HFTokenizer:
         return self.tok.decode(ids)
 
     def token_bytes(self, vocab_size):
-        """UTF-8 length of each token's decoded string, 0 for special tokens (SPEC §7.3)."""
+        """UTF-8 length of each token's decoded string, 0 for special tokens so bits per byte ignores them."""
         special = set(self.tok.all_special_ids)
         return torch.tensor([0 if i in special or i >= len(self.tok) else len(self.tok.decode([i]).encode("utf-8"))
                              for i in range(vocab_size)], dtype=torch.int32)
@@ -205,10 +205,7 @@ def print_core_table(core):
 
 
 def log_report(data):
-    try:
-        from nanochat.report import get_report
-    except ImportError:
-        return
+    from nanochat.report import get_report
     get_report().log("Base model evaluation", data)
 
 

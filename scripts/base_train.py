@@ -50,7 +50,14 @@ from nanochat.dataloader import tokenizing_distributed_data_loader_with_state_bo
 from nanochat.dataset import open_parquet, split_parquet_files  # noqa: E402
 from nanochat.gpt import GPT, GPTConfig  # noqa: E402
 from nanochat.loss_eval import evaluate_bpb  # noqa: E402
-from nanochat.optim import lr_multiplier, muon_momentum, muon_weight_decay  # noqa: E402
+from nanochat.optim import (  # noqa: E402
+    grad_scaler,
+    lr_multiplier,
+    muon_momentum,
+    muon_weight_decay,
+    optimizer_step,
+    scale_loss,
+)
 from nanochat.report import get_report  # noqa: E402
 from nanochat.tokenizer import get_token_bytes, get_tokenizer  # noqa: E402
 
@@ -127,6 +134,23 @@ def scaling_params(config):
     return counts["transformer_matrices"] + counts["lm_head"]
 
 
+def batch_and_weight_decay(ratio, n_scaling, n_scaling_d12, total_batch_size, weight_decay):
+    """(total batch size, Muon weight decay) for a model of n_scaling parameters, scaled from
+    the d12 reference (batch B_REF, the given weight_decay). With D = ratio * params tokens of
+    training: the batch grows as D^0.383 (Power Lines: B ~ D^0.383), rounded to a power of 2,
+    unless total_batch_size > 0 fixes it; the weight decay goes as sqrt(B/B_REF) * D_d12/D, which
+    keeps the decay's timescale 1/(lr*wd) the same fraction of the run's D/B steps as at d12 (the
+    LR grows as sqrt(B/B_REF)). The ratio cancels in D/D_d12, so a ratio <= 0 (the horizon set by
+    --target-flops, as scaling-law sweeps do) scales by the model sizes alone."""
+    if ratio > 0:
+        tokens, tokens_d12 = int(ratio * n_scaling), ratio * n_scaling_d12
+    else:
+        tokens, tokens_d12 = n_scaling, n_scaling_d12
+    if total_batch_size <= 0:
+        total_batch_size = 2 ** round(math.log2(B_REF * (tokens / tokens_d12) ** 0.383))
+    return total_batch_size, weight_decay * math.sqrt(total_batch_size / B_REF) * (tokens_d12 / tokens)
+
+
 @torch.no_grad()
 def sample(model, tokenizer, device, max_tokens=16):
     """Greedy continuations of the fixed prompts: a cheap look at what the model knows."""
@@ -184,15 +208,12 @@ def train(args):
     # horizon, batch size, LR and weight decay from the one dial (SPEC §4.3)
     n_scaling = counts["transformer_matrices"] + counts["lm_head"]
     target_tokens = int(args.target_param_data_ratio * n_scaling)
-    d_ref = args.target_param_data_ratio * scaling_params(config_for(args, 12, vocab_size))
-    total_batch_size = args.total_batch_size
-    if total_batch_size <= 0:
-        if args.target_param_data_ratio <= 0:
-            raise NanochatError("--total-batch-size=-1 needs --target-param-data-ratio > 0 to derive the batch size.")
-        total_batch_size = 2 ** round(math.log2(B_REF * (target_tokens / d_ref) ** 0.383))
+    total_batch_size, wd_scaled = batch_and_weight_decay(
+        args.target_param_data_ratio, n_scaling, scaling_params(config_for(args, 12, vocab_size)),
+        args.total_batch_size, args.weight_decay)
+    if args.total_batch_size <= 0:
         print0(f"Auto total batch size: {total_batch_size:,} tokens")
     batch_lr_scale = math.sqrt(total_batch_size / B_REF)
-    wd_scaled = args.weight_decay * batch_lr_scale * (d_ref / target_tokens) if target_tokens > 0 else args.weight_decay
     if args.num_iterations > 0:
         num_iterations = args.num_iterations
     elif args.target_flops > 0:
@@ -294,7 +315,7 @@ def train(args):
     stop = StopRequest()
     resume_step = step
     ema_beta = 0.9
-    scaler = torch.amp.GradScaler() if COMPUTE_DTYPE == torch.float16 else None
+    scaler = grad_scaler(device)  # loss scaling under fp16
 
     while True:
         last_step = step == num_iterations
@@ -367,7 +388,7 @@ def train(args):
             loss = model(x, y)
             loss_sum += loss.detach().float()
             loss = loss / grad_accum_steps
-            (scaler.scale(loss) if scaler else loss).backward()
+            scale_loss(loss, scaler).backward()
             trained_loader_state = next_loader_state
             x, y, next_loader_state = next(train_loader)  # prefetch while the device works
         lrm = lr_multiplier(step, num_iterations, args.warmup_steps, args.warmdown_ratio, args.final_lr_frac)
@@ -378,15 +399,7 @@ def train(args):
             if group["kind"] == "muon":
                 group["momentum"] = momentum
                 group["weight_decay"] = muon_wd
-        if scaler:
-            scaler.unscale_(optimizer)
-            if ddp:  # every rank must agree on skipping the step
-                for found_inf in scaler._found_inf_per_device(optimizer).values():
-                    dist.all_reduce(found_inf, op=dist.ReduceOp.MAX)
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            optimizer.step()
+        optimizer_step(optimizer, scaler)
         model.zero_grad(set_to_none=True)
         train_loss = loss_sum / grad_accum_steps
         if ddp:

@@ -1,4 +1,4 @@
-"""Talk to a model in the terminal (SPEC §11.1).
+"""Talk to a model in the terminal.
 
     python -m scripts.chat_cli                       # the latest SFT model, interactive
     python -m scripts.chat_cli -i base -p "hello"    # one question, one streamed answer, exit
@@ -22,11 +22,9 @@ class Conversation:
     """The token history: <|bos|> then one token list per finished turn (user + assistant)."""
 
     def __init__(self, tokenizer, sequence_len, max_tokens):
-        s = tokenizer.encode_special
         self.tokenizer = tokenizer
         self.bos = tokenizer.get_bos_token_id()
-        self.user_start, self.user_end = s("<|user_start|>"), s("<|user_end|>")
-        self.assistant_start, self.assistant_end = s("<|assistant_start|>"), s("<|assistant_end|>")
+        self.assistant_start, self.assistant_end = map(tokenizer.encode_special, ("<|assistant_start|>", "<|assistant_end|>"))
         self.sequence_len = sequence_len
         self.max_tokens = max_tokens
         self.turns = []
@@ -38,7 +36,7 @@ class Conversation:
         """The prompt that asks for a reply to `text`, dropping the oldest turns until it leaves
         room for max_tokens (or at least one token). Returns (prompt, turns dropped); prompt is
         None when the message alone does not fit."""
-        turn = [self.user_start, *self.tokenizer.encode(text), self.user_end, self.assistant_start]
+        turn = self.tokenizer.render_message({"role": "user", "content": text})[0] + [self.assistant_start]
         if 1 + len(turn) >= self.sequence_len:
             return None, 0  # refused as it is: the history stays
         dropped = 0

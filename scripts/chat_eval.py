@@ -1,4 +1,4 @@
-"""Evaluate a chat model (SPEC §7.4): ARC-Easy, ARC-Challenge, MMLU, GSM8K, HumanEval,
+"""Evaluate a chat model (docs/evaluation.md): ARC-Easy, ARC-Challenge, MMLU, GSM8K, HumanEval,
 SpellingBee, and ChatCORE over them.
 
     python -m scripts.chat_eval -i sft                              # all six tasks
@@ -61,10 +61,7 @@ def parse_args(argv=None):
 
 
 def log_report(source, data):
-    try:
-        from nanochat.report import get_report
-    except ImportError:
-        return
+    from nanochat.report import get_report
     get_report().log(f"Chat evaluation {source}", data)
 
 

@@ -53,6 +53,7 @@ from nanochat.common import (  # noqa: E402
     training_session,
 )
 from nanochat.engine import Engine  # noqa: E402
+from nanochat.optim import grad_scaler, optimizer_step, scale_loss  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -158,7 +159,7 @@ def evaluate_pass_at_k(engine, tokenizer, task, num_examples, k, max_new_tokens,
     """pass@1..k over the first num_examples problems of `task` (strided over ranks, summed
     across them): the fraction of problems where any of the first j samples is correct."""
     rank, world = dist_rank_world()
-    counts = torch.zeros(k + 1, dtype=torch.float64, device=device)  # [problems, pass@1, ..., pass@k]
+    counts = torch.zeros(k + 1, dtype=torch.int64, device=device)  # [problems, pass@1, ..., pass@k]
     for idx in range(rank, min(num_examples, len(task)), world):
         conversation = task[idx]
         prompt = tokenizer.render_for_completion(conversation)
@@ -167,10 +168,10 @@ def evaluate_pass_at_k(engine, tokenizer, task, num_examples, k, max_new_tokens,
         outcomes = [bool(task.evaluate(conversation, tokenizer.decode(s[len(prompt):]))) for s in seqs]
         counts[0] += 1
         for j in range(1, k + 1):
-            counts[j] += float(any(outcomes[:j]))
+            counts[j] += int(any(outcomes[:j]))
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(counts, op=dist.ReduceOp.SUM)
-    total = max(counts[0].item(), 1.0)
+    total = max(counts[0].item(), 1)
     return {f"pass@{j}": counts[j].item() / total for j in range(1, k + 1)}
 
 
@@ -277,6 +278,7 @@ def train(args, train_task=None, val_task=None):
     stop = StopRequest()
     resume_step = step
     session_time, session_steps = 0.0, 0
+    scaler, skipped_steps = grad_scaler(device), 0  # loss scaling under fp16, as in base_train
     if master:
         os.makedirs(checkpoint_dir, exist_ok=True)
 
@@ -335,15 +337,18 @@ def train(args, train_task=None, val_task=None):
                 rows = slice(p * args.device_batch_size, (p + 1) * args.device_batch_size)
                 loss = rl_loss(model, inputs[rows], targets[rows], advantages[rows],
                                normalizer=num_passes * examples_per_rank)
-                loss.backward()
+                scale_loss(loss, scaler).backward()
                 trained += inputs[rows].numel()
         lrm = 1.0 - step / num_steps
         for group in optimizer.param_groups:
             group["lr"] = group["initial_lr"] * lrm
-        optimizer.step()
+        if not optimizer_step(optimizer, scaler):
+            skipped_steps += 1
+            print0(f"step {step:05d}: inf/NaN gradients under fp16, step skipped (loss scale now {scaler.get_scale():g})")
         model.zero_grad(set_to_none=True)
+        # fp32 (MPS has no float64): the counts stay far below 2^24, where fp32 is still exact
         stats = torch.tensor([reward_sum, examples_per_rank * args.num_samples, generated, trained],
-                             dtype=torch.float64, device=device)
+                             dtype=torch.float32, device=device)
         if ddp:
             dist.all_reduce(stats, op=dist.ReduceOp.SUM)
         mean_reward = stats[0].item() / stats[1].item()
@@ -383,14 +388,11 @@ def train(args, train_task=None, val_task=None):
     print0(f"Total training time: {total_training_time / 60:.2f}m")
     summary = {"source": args.source, "model_tag": model_tag, "source_step": source_step, "output_tag": output_tag,
                "steps": step, "training_time_s": total_training_time, "first_reward": first_reward,
-               "last_reward": last_reward, "pass_at_k": pass_at_k, "checkpoint_dir": checkpoint_dir}
+               "last_reward": last_reward, "pass_at_k": pass_at_k, "checkpoint_dir": checkpoint_dir,
+               "skipped_steps": skipped_steps}
     if master:
-        try:
-            from nanochat.report import get_report
-        except ImportError:
-            get_report = None
-        if get_report is not None:
-            get_report().log(section="Chat RL", data=[user_config, summary])
+        from nanochat.report import get_report
+        get_report().log(section="Chat RL", data=[user_config, summary])
     print0(json.dumps({"chat_rl": summary}))
     wandb_run.finish()
     compute_cleanup()

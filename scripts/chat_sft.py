@@ -51,13 +51,15 @@ from nanochat.common import (  # noqa: E402
     compute_init,
     get_base_dir,
     init_wandb,
+    iter_jsonl,
     mfu_denominator,
     print0,
     run_main,
     training_session,
 )
 from nanochat.loss_eval import evaluate_bpb  # noqa: E402
-from nanochat.tokenizer import get_token_bytes  # noqa: E402
+from nanochat.optim import grad_scaler, optimizer_step, scale_loss  # noqa: E402
+from nanochat.tokenizer import check_conversation, get_token_bytes  # noqa: E402
 
 MAX_CONVERSATION_TOKENS = 2048  # render_conversation's truncation (SPEC §6.3)
 MUON_MOMENTUM_RAMP = 300  # steps for Muon momentum 0.85 -> 0.95 (SPEC §9.2)
@@ -116,31 +118,6 @@ def parse_args(argv=None):
 # Conversation files
 
 
-def _check_messages(messages, where):
-    """Raise NanochatError unless `messages` is an optional system message followed by at least
-    one user/assistant pair alternating user, assistant, ...; `where` names the file and line."""
-    if not isinstance(messages, list):
-        raise NanochatError(f"{where}: expected a JSON array of messages (or an object with \"messages\").")
-    body = messages[1:] if messages and isinstance(messages[0], dict) and messages[0].get("role") == "system" else messages
-    if len(body) < 2:
-        raise NanochatError(f"{where}: a conversation needs at least a user and an assistant message.")
-    for i, m in enumerate(body):
-        expected = "user" if i % 2 == 0 else "assistant"
-        if not isinstance(m, dict) or "role" not in m or "content" not in m:
-            raise NanochatError(f"{where}: message {i} must be an object with \"role\" and \"content\".")
-        if m["role"] != expected:
-            raise NanochatError(f"{where}: message {i} has role {m['role']!r} but {expected!r} was expected; "
-                                f"roles must alternate user, assistant, user, ...")
-        content = m["content"]
-        if expected == "user" and not isinstance(content, str):
-            raise NanochatError(f"{where}: user message {i} must have string content.")
-        if expected == "assistant" and not (isinstance(content, str) or (
-                isinstance(content, list) and all(isinstance(part, dict) and "text" in part and part.get("type") in
-                                                  ("text", "python", "python_output") for part in content))):
-            raise NanochatError(f"{where}: assistant message {i} must be a string or a list of "
-                                f"{{\"type\": text|python|python_output, \"text\": ...}} parts.")
-
-
 def read_conversations(path):
     """The conversations of a JSONL file as [{"messages": [...]}, ...]. Each non-blank line is a
     JSON array of messages (CustomJSON's format) or an object with a "messages" array. A bad
@@ -148,18 +125,10 @@ def read_conversations(path):
     if not os.path.exists(path):
         raise NanochatError(f"{path} does not exist; give an existing conversations file.")
     conversations = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path} line {lineno}"
-            try:
-                item = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise NanochatError(f"{where} is not valid JSON ({e.msg}); fix or remove that line.") from None
-            messages = item.get("messages") if isinstance(item, dict) else item
-            _check_messages(messages, where)
-            conversations.append({"messages": messages})
+    for lineno, item in iter_jsonl(path):
+        messages = item.get("messages") if isinstance(item, dict) else item
+        check_conversation(messages, f"{path}:{lineno}", reply_needed=True)
+        conversations.append({"messages": messages})
     if not conversations:
         raise NanochatError(f"{path} holds no conversations.")
     return conversations
@@ -180,15 +149,6 @@ class ConversationList:
 
 # -----------------------------------------------------------------------------
 # The mixture
-
-
-def _task_api():
-    try:
-        from nanochat.tasks.common import TaskDataMissing, TaskMixture
-    except ImportError as e:
-        raise NanochatError(f"the task library (nanochat.tasks) is not importable ({e}); "
-                            f"train on your own file with --mixture=FILE.jsonl.") from None
-    return TaskMixture, TaskDataMissing
 
 
 def _build_components(components, strict, TaskDataMissing):
@@ -229,7 +189,7 @@ def build_mixtures(args):
         val = ConversationList([c for path in val_files for c in read_conversations(path)])
         return train, val, f"files {train_files}"
 
-    TaskMixture, TaskDataMissing = _task_api()
+    from nanochat.tasks.common import TaskDataMissing, TaskMixture
     from nanochat.tasks.customjson import CustomJSON
     from nanochat.tasks.gsm8k import GSM8K
     from nanochat.tasks.mmlu import MMLU
@@ -268,6 +228,14 @@ def build_mixtures(args):
 
 # -----------------------------------------------------------------------------
 # The SFT loader: best-fit packing with padding, masked targets, exact resume state
+
+
+def to_device(t, device):
+    """Host -> device. On CUDA through pinned memory, so the copy is asynchronous and overlaps
+    the step already queued on the GPU."""
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
 
 
 class SFTLoader:
@@ -348,7 +316,7 @@ class SFTLoader:
         inputs = rows[:, :-1]
         targets = rows[:, 1:].clone()
         targets[~masks[:, 1:]] = -1  # user turns, tool outputs, <|assistant_start|> and the BOS padding
-        return inputs.to(self.device), targets.to(self.device), self.state_dict()
+        return to_device(inputs, self.device), to_device(targets, self.device), self.state_dict()
 
 
 # -----------------------------------------------------------------------------
@@ -374,14 +342,10 @@ def muon_momentum(step):
 
 
 def run_chatcore(model, tokenizer, args, batch_size):
-    """{"results": {task: acc}, "chatcore": float|None, "chatcore_cat": float|None}, or None when
-    nanochat.chat_eval is not available. Tasks whose data is missing are skipped with a note."""
-    try:
-        from nanochat.chat_eval import chatcore, chatcore_is_complete, run_chat_eval
-        from nanochat.engine import Engine
-    except ImportError as e:
-        print0(f"note: ChatCORE is not available in this version ({e}); skipping it")
-        return None
+    """{"results": {task: acc}, "chatcore": float|None, "chatcore_cat": float|None}. Tasks whose
+    data is missing are skipped with a note."""
+    from nanochat.chat_eval import chatcore, chatcore_is_complete, run_chat_eval
+    from nanochat.engine import Engine
     from nanochat.tasks.common import TaskDataMissing
 
     engine = Engine(model, tokenizer)
@@ -539,21 +503,23 @@ def train(args):
     resume_step = step
     ema_beta = 0.9
     session_time, session_steps = 0.0, 0
+    scaler, skipped_steps = grad_scaler(device), 0  # loss scaling under fp16, as in base_train
     if master:
         os.makedirs(checkpoint_dir, exist_ok=True)
 
     while True:
         # when to stop, and where the next batch sits in the data: the same on every rank
         if args.num_iterations > 0:
-            last_flag = float(step >= args.num_iterations)
-            progress = step / args.num_iterations
+            last_step, progress = step >= args.num_iterations, step / args.num_iterations
         else:
-            last_flag = float(trained_loader_state is not None and trained_loader_state["consumed"] >= dataset_size)
-            progress = next_loader_state["consumed"] / dataset_size
-        flags = torch.tensor([last_flag, progress], dtype=torch.float64, device=device)
-        if ddp:
-            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-        last_step, progress = bool(flags[0].item()), min(flags[1].item(), 1.0)
+            # ranks consume conversations at different rates: the furthest one decides. Whole
+            # counts travel as int64 (exact, and Apple's MPS has no float64).
+            done = trained_loader_state is not None and trained_loader_state["consumed"] >= dataset_size
+            flags = torch.tensor([done, next_loader_state["consumed"]], dtype=torch.int64, device=device)
+            if ddp:
+                dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+            last_step, progress = bool(flags[0].item()), flags[1].item() / dataset_size
+        progress = min(progress, 1.0)
 
         if args.eval_every > 0 and (last_step or step % args.eval_every == 0):
             model.eval()
@@ -621,7 +587,7 @@ def train(args):
             num_valid = (y >= 0).sum().clamp(min=1)
             loss = model(x, y, loss_reduction="sum") / num_valid
             loss_sum += loss.detach().float()
-            (loss / grad_accum_steps).backward()
+            scale_loss(loss / grad_accum_steps, scaler).backward()
             trained_loader_state = next_loader_state
             x, y, next_loader_state = next(train_loader)  # prefetch while the device works
         lrm = lr_multiplier(progress, args.warmup_ratio, args.warmdown_ratio, args.final_lr_frac)
@@ -630,7 +596,9 @@ def train(args):
             group["lr"] = group["initial_lr"] * lrm
             if group["kind"] == "muon":
                 group["momentum"] = momentum
-        optimizer.step()
+        if not optimizer_step(optimizer, scaler):
+            skipped_steps += 1
+            print0(f"step {step:05d}: inf/NaN gradients under fp16, step skipped (loss scale now {scaler.get_scale():g})")
         model.zero_grad(set_to_none=True)
         train_loss = loss_sum / grad_accum_steps
         if ddp:
@@ -680,14 +648,11 @@ def train(args):
     summary = {"model_tag": model_tag, "base_step": base_step, "output_tag": output_tag, "steps": step,
                "conversations": dataset_size, "training_time_s": total_training_time,
                "initial_val_bpb": initial_val_bpb, "min_val_bpb": min_val_bpb if math.isfinite(min_val_bpb) else None,
-               "final_val_bpb": val_bpb, "chatcore": chatcore_value, "checkpoint_dir": checkpoint_dir}
+               "final_val_bpb": val_bpb, "chatcore": chatcore_value, "checkpoint_dir": checkpoint_dir,
+               "skipped_steps": skipped_steps}
     if master:
-        try:
-            from nanochat.report import get_report
-        except ImportError:
-            get_report = None
-        if get_report is not None:
-            get_report().log(section="Chat SFT", data=[user_config, summary])
+        from nanochat.report import get_report
+        get_report().log(section="Chat SFT", data=[user_config, summary])
     print0(json.dumps({"chat_sft": summary}))
     wandb_run.finish()
     compute_cleanup()

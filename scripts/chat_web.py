@@ -1,4 +1,4 @@
-"""Serve the chat page and the OpenAI-compatible API (SPEC §11.2).
+"""Serve the chat page and the OpenAI-compatible API (docs/serving.md).
 
     python -m scripts.chat_web                       # http://127.0.0.1:8000, sft model, one worker
     python -m scripts.chat_web -n 8 --host 0.0.0.0 --api-key "$KEY" --max-batch 16
@@ -21,6 +21,7 @@ def parse_args(argv=None):
     p.add_argument("-i", "--source", default="sft", choices=["base", "sft", "rl"], help="which checkpoints to load")
     p.add_argument("-t", "--temperature", type=float, default=0.8, help="default sampling temperature")
     p.add_argument("-k", "--top-k", type=int, default=50, help="default top-k (0 = off)")
+    p.add_argument("--top-p", type=float, default=1.0, help="default nucleus sampling mass (1 = off)")
     p.add_argument("-m", "--max-tokens", type=int, default=512, help="default max new tokens per reply")
     p.add_argument("-g", "--model-tag", default=None, help="model tag to load (default: the largest)")
     p.add_argument("-s", "--step", type=int, default=None, help="checkpoint step (default: the last)")
@@ -28,8 +29,9 @@ def parse_args(argv=None):
     p.add_argument("-p", "--port", type=int, default=8000)
     p.add_argument("--host", default="127.0.0.1", help="bind address; 0.0.0.0 exposes the server to the network")
     p.add_argument("--device-type", default="", choices=["", "cuda", "cpu", "mps"], help="default: autodetect")
-    p.add_argument("--max-batch", type=int, default=8,
-                   help="rows decoded together when requests arrive together (needs Engine.generate_multi)")
+    p.add_argument("--max-batch", type=int, default=8, help="rows decoded together (1 = one request at a time)")
+    p.add_argument("--batching", choices=["step", "admission"], default="step",
+                   help="step: a request joins the running batch at its next step; admission: only a starting batch")
     p.add_argument("--max-queue", type=int, default=64, help="waiting requests before answering 429")
     p.add_argument("--request-timeout", type=float, default=300.0, help="seconds per request, queue included (0 = none)")
     p.add_argument("--api-key", default=os.environ.get("NANOCHAT_API_KEY") or None,
@@ -59,6 +61,7 @@ def parse_args(argv=None):
         (args.num_gpus >= 1, "--num-gpus must be at least 1."),
         (0 <= args.temperature <= 2, "--temperature must be between 0 and 2."),
         (0 <= args.top_k <= 200, "--top-k must be between 0 and 200."),
+        (0 < args.top_p <= 1, "--top-p must be more than 0 and at most 1 (1 = off)."),
         (1 <= args.max_tokens <= 4096, "--max-tokens must be between 1 and 4096."),
         (0 < args.port < 65536, "--port must be between 1 and 65535."),
         (args.max_batch >= 1, "--max-batch must be at least 1."),
@@ -102,8 +105,9 @@ def main(argv=None):
     engines, tokenizer, devices, model_name = load_engines(args.num_gpus, args.source, args.device_type,
                                                            model_tag, args.step)
     app = create_app(engines, tokenizer, model_name=model_name, devices=devices, temperature=args.temperature,
-                     top_k=args.top_k, max_tokens=args.max_tokens, max_batch=args.max_batch,
-                     max_queue=args.max_queue, request_timeout=args.request_timeout or None, api_key=args.api_key,
+                     top_k=args.top_k, top_p=args.top_p, max_tokens=args.max_tokens, max_batch=args.max_batch,
+                     batching=args.batching, max_queue=args.max_queue, request_timeout=args.request_timeout or None,
+                     api_key=args.api_key,
                      cors_origins=args.cors_origin, log_conversations=args.log_conversations,
                      allowed_hosts=allowed_hosts(args.host, args.allowed_host), max_body_bytes=args.max_body_bytes,
                      body_timeout=args.body_timeout)

@@ -1,4 +1,4 @@
-"""Write the identity conversations SFT mixes in (SPEC §9.2): short chats in which the model
+"""Write the identity conversations SFT mixes in: short chats in which the model
 says who it is, who made it and what it can do, built from the facts and topics of
 scripts/identity_knowledge.md.
 

@@ -1,5 +1,5 @@
 """Compression ratio (UTF-8 bytes per token) of our tokenizer on a few kinds of text, next to
-GPT-2's and GPT-4's when tiktoken can load them (SPEC §6.5).
+GPT-2's and GPT-4's when tiktoken can load them.
 
     python -m scripts.tok_eval [--tokenizer-dir DIR] [--data-dir SHARDS]
 """

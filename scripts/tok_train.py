@@ -1,4 +1,4 @@
-"""Train the BPE tokenizer (SPEC §6.4) on the pretraining shards, a folder of parquet shards,
+"""Train the BPE tokenizer on the pretraining shards, a folder of parquet shards,
 or a folder of text files (.txt/.md/.jsonl), and save it under base_dir/tokenizer/.
 
     python -m scripts.tok_train                                   # the downloaded pretraining shards

@@ -129,7 +129,7 @@ def test_bad_input(tiny_run, capsys, tmp_path):
         base_eval.main(["--device-type=cpu", "--eval=bpb", f"--data-dir={tiny_run['data_dir']}", "--split-tokens=10"])
     with open(os.path.join(tiny_run["bundle"], "eval_data", "x", "copa.jsonl"), "a") as f:
         f.write("{broken\n")
-    with pytest.raises(NanochatError, match=r"copa\.jsonl line 13 is not valid JSON"):
+    with pytest.raises(NanochatError, match=r"copa\.jsonl:13: not valid JSON"):
         base_eval.main(["--device-type=cpu", "--eval=core", f"--bundle-dir={tiny_run['bundle']}"])
 
 

@@ -1,4 +1,4 @@
-"""scripts/chat_cli.py (SPEC §11.1) against a tiny checkpoint: single-shot answers, the
+"""scripts/chat_cli.py against a tiny checkpoint: single-shot answers, the
 interactive loop through a pipe (clear, EOF), clear errors, and keeping the conversation
 within the context."""
 

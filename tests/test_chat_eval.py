@@ -1,4 +1,4 @@
-"""Chat evaluation (SPEC §7.4): the categorical loop (batched = one at a time, logits read at
+"""Chat evaluation: the categorical loop (batched = one at a time, logits read at
 the last prompt position), the generative pass@k loop, ChatCORE, and scripts/chat_eval end to
 end on a tiny model with tiny local task files."""
 

@@ -269,18 +269,18 @@ def test_malformed_mixture_line_names_the_line(base_env, tmp_path):
     lines = [json.dumps(c) for c in convs]
     lines[2] = lines[2][:-5]  # truncated JSON on line 3
     path.write_text("\n".join(lines) + "\n")
-    with pytest.raises(NanochatError, match=r"bad\.jsonl line 3 is not valid JSON"):
+    with pytest.raises(NanochatError, match=r"bad\.jsonl:3: not valid JSON"):
         chat_sft.read_conversations(str(path))
     lines[2] = json.dumps([{"role": "user", "content": "hi"}, {"role": "user", "content": "hello?"}])
     path.write_text("\n".join(lines) + "\n")
-    with pytest.raises(NanochatError, match=r"line 3: message 1 has role 'user' but 'assistant' was expected"):
+    with pytest.raises(NanochatError, match=r"bad\.jsonl:3: message 1 has role 'user' but 'assistant' was expected"):
         chat_sft.read_conversations(str(path))
     lines[2] = json.dumps([{"role": "user", "content": "hi"}])
     path.write_text("\n".join(lines) + "\n")
-    with pytest.raises(NanochatError, match=r"line 3: a conversation needs at least a user and an assistant"):
+    with pytest.raises(NanochatError, match=r"bad\.jsonl:3: a conversation needs at least a user and an assistant"):
         chat_sft.read_conversations(str(path))
     # through the script: one line on stderr, exit status 2
-    with pytest.raises(NanochatError, match=r"line 3"):
+    with pytest.raises(NanochatError, match=r"bad\.jsonl:3: "):
         _run(_args(base_env, "bad", 2) + [f"--mixture={path}", f"--val-mixture={path}"])
 
 

@@ -1,4 +1,4 @@
-"""CORE evaluation (SPEC §7.2): prompt rendering, token spans, centering, the bundle reader,
+"""CORE evaluation: prompt rendering, token spans, centering, the bundle reader,
 stub models with known answers, packed-vs-unpacked equality and left cropping on a tiny GPT,
 and an integration run on the real eval bundle when ../shared/data is present."""
 
@@ -161,7 +161,7 @@ def test_common_prefix_and_suffix():
 
 def test_spans_on_hand_made_examples():
     tok = CharTokenizer()
-    # MC: choices share the leading "c", so the span starts after it (SPEC §18.23)
+    # MC: choices share the leading "c", so the span starts after it (only where choices differ is scored)
     rows = tok.encode(ce.render_prompts_mc({"query": "Q", "choices": ["cat", "cow"], "gold": 0}, " "), prepend=0)
     starts, ends = ce.spans_mc(rows)
     assert rows[0][:starts[0]] == [0] + tok.encode("Q c") and ends == [6, 6]
@@ -274,13 +274,13 @@ def test_bundle_from_zip_and_file_url(tmp_path):
 def test_malformed_jsonl_reports_file_and_line(tmp_path):
     path = tmp_path / "t.jsonl"
     path.write_text('{"query": "q", "choices": ["a"], "gold": 0}\n\n{"query": "q", "choices": [\n')
-    with pytest.raises(NanochatError, match=r"t\.jsonl line 3 is not valid JSON"):
+    with pytest.raises(NanochatError, match=r"t\.jsonl:3: not valid JSON"):
         ce.load_jsonl(str(path))
     path.write_text('{"query": "q", "choices": ["a"], "gold": 0}\n{"query": "q"}\n')
-    with pytest.raises(NanochatError, match=r"line 2 lacks choices, gold"):
+    with pytest.raises(NanochatError, match=r"t\.jsonl:2: lacks choices, gold"):
         ce.load_jsonl(str(path), "multiple_choice")
     path.write_text('{"context_options": ["a", "b"], "continuation": "c", "gold": 2}\n')
-    with pytest.raises(NanochatError, match=r"line 1: gold must index"):
+    with pytest.raises(NanochatError, match=r"t\.jsonl:1: gold must index"):
         ce.load_jsonl(str(path), "schema")
 
 

@@ -1,6 +1,6 @@
 """nanochat.dataloader: BOS-aligned best-fit packing (checked against a plain re-statement of
-upstream's algorithm), rank striding, exact resume at every batch (across files and epochs),
-upstream-style resume, corrupt shards, and the real shards in ../shared/data."""
+the algorithm), rank striding, exact resume at every batch (across files and epochs), resume
+from a position-only state, corrupt shards, and the real shards in ../shared/data."""
 
 import itertools
 import json
@@ -55,7 +55,7 @@ def take(loader, n):
 
 
 def reference_batches(paths, B, T, buffer_size, chunk_size, n, rank=0, world_size=1):
-    """Upstream's loader restated plainly: list scans, no index, no state."""
+    """The loader's algorithm restated plainly: list scans, no index, no state."""
     def chunks():
         while True:
             for path in paths:
@@ -120,7 +120,7 @@ def test_rows_are_bos_aligned_full_and_shifted(tmp_path):
 
 
 @pytest.mark.parametrize("rank,world_size", [(0, 1), (1, 2)])
-def test_matches_upstream_algorithm(tmp_path, rank, world_size):
+def test_matches_plain_algorithm(tmp_path, rank, world_size):
     d, _ = make_corpus(tmp_path / "d")
     paths = sorted(str(p) for p in Path(d).glob("*.parquet"))[:-1]
     got = take(make_loader(TOK, 2, 16, "train", buffer_size=6, tokenizer_batch_size=3, data_dir=d,
@@ -130,7 +130,7 @@ def test_matches_upstream_algorithm(tmp_path, rank, world_size):
         assert torch.equal(x, wx) and torch.equal(y, wy)
 
 
-def test_default_buffer_matches_upstream(tmp_path):
+def test_default_buffer_matches_plain_algorithm(tmp_path):
     d, _ = make_corpus(tmp_path / "d", sizes=(300, 200, 10), row_group_size=32)
     paths = sorted(str(p) for p in Path(d).glob("*.parquet"))[:-1]
     got = take(make_loader(TOK, 4, 64, "train", data_dir=d), 8)  # buffer_size=1000, chunks of 128: two epochs buffered
@@ -214,7 +214,7 @@ def test_state_format(tmp_path):
     assert (state["epoch"], state["pq_idx"], state["rg_idx"], state["next_row"]) > keys[-1]
 
 
-def test_upstream_style_state_resumes_at_next_round(tmp_path):
+def test_position_only_state_resumes_at_next_round(tmp_path):
     d, _ = make_corpus(tmp_path / "d")  # train: file 0 has row groups 0..2, file 1 has 0..3
     loader = make_loader(TOK, 2, 16, "train", buffer_size=6, data_dir=d, resume_state_dict={"pq_idx": 0, "rg_idx": 1, "epoch": 1})
     keys = [(e, p, g, r) for e, p, g, rows in next(loader)[2]["buffer"] for r in rows]
@@ -288,4 +288,4 @@ def test_cuda_batches_equal_cpu_batches(tmp_path):
     for (x, y, s), (cx, cy, cs) in zip(make_loader(TOK, **kwargs, device="cuda"), cpu):
         assert x.is_cuda and torch.equal(x.cpu(), cx) and torch.equal(y.cpu(), cy) and s == cs
         views.append(x.data_ptr())
-    assert len(set(views)) == 1  # one persistent device buffer, reused (SPEC §5.2)
+    assert len(set(views)) == 1  # one persistent device buffer, reused

@@ -228,7 +228,7 @@ def test_reset_header_and_clears_old_run(tmp_path, monkeypatch):
     assert sorted(p.name for p in rdir.iterdir()) == ["header.md"]
     header = (rdir / "header.md").read_text()
     for needle in ["### Git", "### Hardware", "- Platform: ", "- CPUs: ", "- Memory: ", "- GPUs: ", "- Hourly rate: ",
-                   "| H100 | 3.00 |", "### Software", "- Python: ", "- PyTorch: ", "### Bloat", "Run started: "]:
+                   "### Software", "- Python: ", "- PyTorch: ", "### Bloat", "- Characters: ", "Run started: "]:
         assert needle in header
     # outside a git checkout: a note, not a crash
     monkeypatch.setattr(R, "REPO_ROOT", str(tmp_path))
@@ -247,19 +247,30 @@ def test_non_rank0_is_a_noop(monkeypatch):
     assert not (base_dir() / "report").exists()
 
 
-def test_markdown_to_html_subset(tmp_path):
+def test_gpu_hourly_rate(monkeypatch):
+    monkeypatch.delenv("NANOCHAT_GPU_HOURLY_RATE", raising=False)
+    assert R.gpu_hourly_rate("NVIDIA H100 80GB HBM3") == 3.00
+    assert R.gpu_hourly_rate("NVIDIA A100-SXM4-40GB") == 1.79
+    assert R.gpu_hourly_rate("NVIDIA GeForce RTX 4090") == R.DEFAULT_GPU_RATE
+    monkeypatch.setenv("NANOCHAT_GPU_HOURLY_RATE", "$2.50")
+    assert R.gpu_hourly_rate("NVIDIA H100 80GB HBM3") == 2.50
+
+
+def test_markdown_to_html(tmp_path):
     (tmp_path / "p.png").write_bytes(PNG_SIGNATURE + b"rest")
     md = ("# Title\n\nSome **bold** and `a<b` text\nsecond line\n\n- one\n  - nested\n- two: `x`\n\n"
-          "| A | B |\n|---|---|\n| 1 | <2> |\n\n```\nif a < b:\n    pass\n```\n\n![plot](p.png)\n![gone](missing.png)\n")
+          "| A | B |\n|---|---|\n| 1 | <2> |\n\n```\nif a < b:\n    pass\n```\n\n![plot](p.png)\n![gone](missing.png)\n\n"
+          "<script>alert(1)</script>\n")
     page = R.markdown_to_html(md, image_root=str(tmp_path))
     assert "<h1>Title</h1>" in page
     assert "<p>Some <strong>bold</strong> and <code>a&lt;b</code> text<br>\nsecond line</p>" in page
-    assert "<ul><li>one<ul><li>nested</li></ul></li><li>two: <code>x</code></li></ul>" in page
-    assert "<thead><tr><th>A</th><th>B</th></tr></thead>" in page and "<td>&lt;2&gt;</td>" in page
-    assert "<pre><code>if a &lt; b:\n    pass</code></pre>" in page
+    assert "<ul>\n<li>one\n<ul>\n<li>nested</li>\n</ul>\n</li>\n<li>two: <code>x</code></li>\n</ul>" in page
+    assert "<thead>\n<tr>\n<th>A</th>\n<th>B</th>\n</tr>\n</thead>" in page and "<td>&lt;2&gt;</td>" in page
+    assert "<pre><code>if a &lt; b:\n    pass\n</code></pre>" in page
     data = base64.b64encode(PNG_SIGNATURE + b"rest").decode()
-    assert f'<img alt="plot" src="data:image/png;base64,{data}">' in page
-    assert '<img alt="gone" src="missing.png">' in page
+    assert f'<img src="data:image/png;base64,{data}" alt="plot">' in page
+    assert '<img src="missing.png" alt="gone">' in page
+    assert "<script>" not in page and "&lt;script&gt;alert(1)&lt;/script&gt;" in page  # raw HTML is escaped
 
 
 def test_read_train_log_skips_a_torn_line(tmp_path):

@@ -9,7 +9,7 @@ import time
 
 import pytest
 from fastapi.testclient import TestClient
-from server_fakes import FakeEngine, FakeMultiEngine, byte_tokens, tiny_tokenizer
+from server_fakes import FakeEngine, FakeMultiEngine, byte_tokens, tiny_gpt, tiny_tokenizer
 
 from nanochat.server import create_app
 from nanochat.server.text import RowDecoder, StopMatcher
@@ -116,7 +116,7 @@ def test_unknown_route_is_json_404(tok):
 
 
 # -----------------------------------------------------------------------------
-# /chat/completions (upstream's SSE protocol)
+# /chat/completions (the web page's SSE protocol)
 
 
 def test_chat_completions_sse_framing(tok):
@@ -187,7 +187,7 @@ def test_tool_call_parts(tok):
 
 
 # -----------------------------------------------------------------------------
-# Validation: 400 for SPEC §11.2's limits, 422 for malformed bodies, always OpenAI-style JSON
+# Validation: 400 for the request limits and the chat format, 422 for malformed bodies, always OpenAI-style JSON
 
 BAD_BODIES = [
     ({"messages": []}, 400, "messages"),
@@ -374,6 +374,10 @@ def test_bad_flags_raise_nanochat_error():
         parse_args(["--temperature", "3"])
     with pytest.raises(NanochatError):
         parse_args(["--max-batch", "0"])
+    for top_p in ("0", "1.5"):
+        with pytest.raises(NanochatError, match="--top-p"):
+            parse_args(["--top-p", top_p])
+    assert parse_args(["--top-p", "0.9", "--batching", "admission"]).top_p == 0.9
 
 
 def test_cors_only_when_configured(tok):
@@ -575,20 +579,6 @@ def test_no_batching_without_generate_multi_or_max_batch_1(tok):
 # A real (random-init) tiny GPT behind the real Engine
 
 
-def tiny_gpt(tok):
-    """A random-init one-layer GPT for the real Engine."""
-    import torch
-
-    from nanochat.gpt import GPT, GPTConfig
-
-    torch.manual_seed(0)
-    model = GPT(GPTConfig(sequence_len=128, vocab_size=tok.get_vocab_size(), n_layer=1, n_head=1, n_kv_head=1,
-                          n_embd=64, window_pattern="L"))
-    model.init_weights()
-    model.eval()
-    return model
-
-
 def test_real_tiny_model(tok):
     engine_mod = pytest.importorskip("nanochat.engine")
     if not hasattr(engine_mod, "Engine"):
@@ -607,20 +597,35 @@ def test_real_tiny_model(tok):
 
 def test_seeded_n_rows_same_whether_batched_or_alone(tok):
     """A request with a seed and n > 1 gets the same choices whether the worker decodes it alone
-    or together with other waiting requests (row i samples from seed + i either way)."""
+    or together with other waiting requests (row i samples from seed + i either way). Admission
+    batching here; tests/test_server_steps.py has requests joining a running batch."""
     from nanochat.engine import Engine
 
     gate, running = threading.Event(), threading.Event()
 
-    class GatedEngine(Engine):  # the first generate() holds the worker until the others are queued
-        def generate(self, *args, **kwargs):
-            running.set()
-            gate.wait(10)
-            return super().generate(*args, **kwargs)
+    class GatedEngine(Engine):  # every step waits for the gate: the worker holds until the others are queued
+        warm = False
+
+        def warmup(self):
+            super().warmup()
+            self.warm = True
+
+        def session(self, *args, **kwargs):
+            session = super().session(*args, **kwargs)
+            step = session.step
+
+            def gated():
+                if self.warm:  # not the warm-up's steps
+                    running.set()
+                    gate.wait(10)
+                return step()
+
+            session.step = gated
+            return session
 
     engine = GatedEngine(tiny_gpt(tok), tok, compile=False)
     body = {**hello("the cat sees the moon"), "max_tokens": 12, "seed": 7, "temperature": 1.0, "n": 2}
-    with client_for(engine, tok, max_batch=4) as c:
+    with client_for(engine, tok, max_batch=4, batching="admission") as c:
         results = {}
 
         def post(name, b):

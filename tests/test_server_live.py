@@ -249,7 +249,7 @@ def test_chat_web_cli_bad_flag_exits_2():
 
 def test_batched_replies_equal_one_at_a_time(tok):
     """Dynamic batching changes throughput, not text: each request's seed gives the same reply
-    whether it was decoded alone or together with others (SPEC §10.2 sampling per row)."""
+    whether it was decoded alone or together with others (each row samples from its own generator)."""
     engine = tiny_engine(tok)
     bodies = [{"messages": [{"role": "user", "content": f"the cat {'sees ' * i}the moon"}], "max_tokens": 24,
                "seed": 100 + i, "temperature": 1.0, "top_k": 20} for i in range(8)]

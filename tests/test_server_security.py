@@ -290,7 +290,7 @@ def test_strict_types(tok, extra):
     with client(engine, tok) as c:
         for route in ("/v1/chat/completions", "/chat/completions"):
             if route == "/chat/completions" and not {"max_tokens", "seed", "top_k", "temperature", "messages"} & set(extra):
-                continue  # a field the upstream route does not have is ignored there
+                continue  # a field /chat/completions does not have is ignored there
             r = c.post(route, json={**hello(), **extra})
             err = assert_error(r, 422, "invalid_value")
             assert err["type"] == "invalid_request_error" and err["param"].split(".")[0] == next(iter(extra))

@@ -1,4 +1,4 @@
-"""The task library (SPEC §8): views and mixtures, the multiple-choice prompt, local and hub
+"""The task library: views and mixtures, the multiple-choice prompt, local and hub
 data loading (against a local HTTP server, never the network), and every task's conversions
 and grading, on real GSM8K / HumanEval data when ../shared/data has it."""
 
@@ -19,9 +19,9 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import SHARED_DATA
 
-from nanochat.common import NanochatError
+from nanochat.common import NanochatError, iter_jsonl
 from nanochat.tasks.common import Task, TaskDataMissing, TaskMixture, TaskSequence, get_task_data_dir, render_mc
-from nanochat.tasks.hub import HubDataset, load_hub_dataset, load_task_rows, read_jsonl, read_rows_file
+from nanochat.tasks.hub import HubDataset, load_hub_dataset, load_task_rows, read_rows_file
 
 GSM8K_DIR = os.path.join(SHARED_DATA, "gsm8k")
 HUMANEVAL_FILE = os.path.join(SHARED_DATA, "humaneval", "HumanEval.jsonl.gz")
@@ -162,9 +162,9 @@ def test_malformed_jsonl_line_names_file_and_line(tmp_path):
     path = tmp_path / "bad.jsonl"
     path.write_text('{"a": 1}\n\n{"a": 2}\n{"a": oops}\n')
     with pytest.raises(NanochatError, match=r"bad\.jsonl:4: not valid JSON"):
-        read_jsonl(str(path))
+        list(iter_jsonl(str(path)))
     path.write_text('{"a": 1}\n[1, 2]\n')
-    with pytest.raises(NanochatError, match="row 2 is a JSON list"):
+    with pytest.raises(NanochatError, match=r"bad\.jsonl:2: a JSON list, expected an object"):
         read_rows_file(str(path))
 
 
@@ -332,7 +332,7 @@ def test_smoltalk_local_parquet_with_system_message(tmp_path):
         try:
             convs.append(task[k]["messages"])
         except ValueError as e:
-            assert "at least 2" in str(e)
+            assert "needs at least a user and an assistant message" in str(e)
     assert sorted(convs, key=len) == sorted([rows[0]["messages"], rows[1]["messages"]], key=len)
 
 
@@ -373,7 +373,7 @@ def _reassemble(parts):
 def test_gsm8k_real_lines_parse_and_grade(monkeypatch):
     from nanochat.tasks.gsm8k import GSM8K, extract_answer, solution_to_parts
 
-    rows = read_jsonl(os.path.join(GSM8K_DIR, "test.jsonl")) + read_jsonl(os.path.join(GSM8K_DIR, "train.jsonl"))
+    rows = [row for split in ("test", "train") for _, row in iter_jsonl(os.path.join(GSM8K_DIR, f"{split}.jsonl"))]
     assert len(rows) == 1319 + 7473
     for row in rows:
         parts = solution_to_parts(row["answer"])
@@ -440,7 +440,7 @@ def test_humaneval_canonical_solutions_pass_and_wrong_ones_fail():
     NANOCHAT_HUMANEVAL_SAMPLE=N checks only N of them."""
     task = _humaneval_task()
     assert len(task) == 164 and task.eval_type == "generative"
-    ids = [row["task_id"] for row in read_jsonl(HUMANEVAL_FILE)]
+    ids = [row["task_id"] for _, row in iter_jsonl(HUMANEVAL_FILE)]
     perm = np.random.default_rng(42).permutation(164)
     assert [task[k]["task_id"] for k in range(5)] == [ids[j] for j in perm[:5]]
     n = int(os.environ.get("NANOCHAT_HUMANEVAL_SAMPLE", 164))
@@ -479,9 +479,9 @@ def test_customjson_reads_validates_and_names_bad_lines(tmp_path):
     cases = {
         '{"role": "user"}': r"conv\.jsonl:3: expected a JSON array",
         '[{"role": "user", "content": "x"}, ': r"conv\.jsonl:3: not valid JSON",
-        '[{"role": "user", "content": "x"}]': r"conv\.jsonl:3: .*at least 2",
-        '[{"role": "user", "content": "x"}, {"role": "user", "content": "y"}]': r"conv\.jsonl:3: message 2 .*'assistant'",
-        '[{"role": "user", "content": "x"}, {"role": "assistant", "content": 5}]': r"conv\.jsonl:3: message 2 has no string",
+        '[{"role": "user", "content": "x"}]': r"conv\.jsonl:3: a conversation needs at least a user and an assistant message",
+        '[{"role": "user", "content": "x"}, {"role": "user", "content": "y"}]': r"conv\.jsonl:3: message 1 has role 'user' but 'assistant' was expected",
+        '[{"role": "user", "content": "x"}, {"role": "assistant", "content": 5}]': r"conv\.jsonl:3: message 1 \(assistant\) must be a string or a list",
     }
     for bad, pattern in cases.items():
         path.write_text("\n".join(json.dumps(c) for c in good) + "\n" + bad + "\n")

@@ -1,5 +1,5 @@
-"""Tokenizer: training, round trips, specials, token_bytes, save/load, upstream pickles,
-Hugging Face export, chat rendering masks (SPEC §6)."""
+"""Tokenizer: training, round trips, specials, token_bytes, save/load, pickles written by other
+nanochat checkouts, Hugging Face export, the chat format and its rendering masks."""
 
 import os
 import pickle
@@ -10,7 +10,14 @@ import tiktoken
 import torch
 
 from nanochat.common import NanochatError
-from nanochat.tokenizer import MIN_VOCAB_SIZE, SPECIAL_TOKENS, SPLIT_PATTERN, Tokenizer
+from nanochat.tokenizer import (
+    MIN_VOCAB_SIZE,
+    SPECIAL_TOKENS,
+    SPLIT_PATTERN,
+    ConversationError,
+    Tokenizer,
+    check_conversation,
+)
 
 SHARED_TEXT = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "text")
 
@@ -70,7 +77,7 @@ def test_vocab_and_special_ids(tok):
 
 
 def test_default_vocab_layout_at_32768():
-    # SPEC §6.1: at 32768 the mergeable ranks end at 32758 and bos is 32759
+    # at 32768 the mergeable ranks end at 32758 and bos is 32759 (the specials come last)
     ranks = {bytes([i]): i for i in range(256)}
     # synthesise merges so the layout arithmetic can be checked without a long training run
     for r in range(256, 32768 - 9):
@@ -101,7 +108,7 @@ def test_prepend_append_and_batch(tok):
 
 
 def test_digits_split_in_runs_of_at_most_two(tok):
-    # the split pattern used to train is the one used to encode (upstream once differed)
+    # the split pattern used to train is the one used to encode
     assert tok.enc._pat_str == SPLIT_PATTERN
     digit_runs = [b for b in (tok.decode_single_token_bytes(i) for i in range(256, 512 - 9)) if b.isdigit()]
     assert digit_runs, "the corpus is full of numbers: some digit pairs must have been merged"
@@ -131,7 +138,7 @@ def test_token_bytes(tok, tmp_path):
     for i in range(512):
         expected = 0 if i in specials else len(tok.decode_single_token_bytes(i))
         assert tb[i].item() == expected
-    # single high bytes are 1 byte, not the 3 bytes of U+FFFD (the mar bug, SPEC §6.4)
+    # single high bytes are 1 byte, not the 3 bytes of the U+FFFD their decoding gives
     assert tb[0xE9].item() == 1
     tok.save(str(tmp_path))
     from nanochat.tokenizer import get_token_bytes
@@ -147,8 +154,8 @@ def test_save_load_round_trip(tok, tmp_path):
     assert loaded.get_bos_token_id() == tok.get_bos_token_id()
 
 
-def test_loads_upstream_pickle(tmp_path):
-    # upstream nanochat pickles a tiktoken.Encoding named "rustbpe" built from rustbpe's ranks
+def test_loads_another_checkouts_pickle(tmp_path):
+    # other nanochat checkouts pickle a tiktoken.Encoding named "rustbpe" built from rustbpe's ranks
     import rustbpe
     trainer = rustbpe.Tokenizer()
     trainer.train_from_iterator(iter(CORPUS), 300 - 9, pattern=SPLIT_PATTERN)
@@ -216,7 +223,7 @@ def test_huggingface_export_on_real_text(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------
-# Chat rendering (SPEC §6.3)
+# The chat format and its rendering
 
 
 def test_conversation_mask_token_by_token(tok):
@@ -264,6 +271,22 @@ def test_bad_conversations(tok):
                                               {"role": "assistant", "content": [{"type": "image", "text": "x"}]}]})
     with pytest.raises(ValueError, match="followed by a user"):
         tok.render_conversation({"messages": [{"role": "system", "content": "a"}, {"role": "assistant", "content": "b"}]})
+
+
+def test_check_conversation():
+    ok = [{"role": "system", "content": "s"}, {"role": "user", "content": "u"},
+          {"role": "assistant", "content": [{"type": "python", "text": "1+1"}, {"type": "python_output", "text": "2"}]}]
+    check_conversation(ok, reply_needed=True)
+    check_conversation(ok[:2])  # a prompt needs no reply
+    with pytest.raises(ConversationError, match=r"^f\.jsonl:7: a conversation needs at least a user and an assistant"):
+        check_conversation(ok[:2], "f.jsonl:7", reply_needed=True)
+    with pytest.raises(ConversationError, match=r"^message 1 \(user\) must have string content\.$"):
+        check_conversation([ok[0], {"role": "user", "content": 5}])
+    with pytest.raises(ConversationError, match=r"^expected a JSON array of messages, found a dict\.$"):
+        check_conversation({"messages": ok})
+    with pytest.raises(ConversationError, match="must be an object with"):
+        check_conversation([{"role": "user"}])
+    assert issubclass(ConversationError, NanochatError) and issubclass(ConversationError, ValueError)
 
 
 def test_truncation(tok):

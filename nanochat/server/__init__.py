@@ -23,8 +23,9 @@ arrival time; run.py bounds connections (slow request heads, their number).
 The package, one concern per module:
     app.py        create_app: the routes, request -> job -> response
     schemas.py    request models, limits and validation, the error shape, prompt building
-    scheduler.py  Job, Worker, WorkerPool: the queue and the generation threads
-    text.py       RowDecoder, StopMatcher: generated tokens -> UTF-8-safe text deltas
+    scheduler.py  Job, Worker, WorkerPool, StepBatch: the queue, the generation threads, continuous batching
+    text.py       RowDecoder, StopMatcher: generated tokens -> UTF-8-safe text deltas; ReplyTokens: a
+                  reply sent back in the next turn rendered as the tokens it was generated as
     security.py   the ASGI middlewares in front of the routes: Host, API key, body limits, headers, 500s
     run.py        load_engines (checkpoints -> engines), uvicorn with connection limits, BackgroundServer
 """

@@ -1,8 +1,11 @@
 """create_app: the FastAPI app, its routes, and how a request becomes a Job and its events a response.
 
-Sampling: temperature and top_k as the engine (top_k 0 = off, temperature 0 = greedy). top_p is
-passed to the engine when its generate() takes a top_p argument; otherwise only top_p = 1 is
-accepted (anything else is a 400 saying so).
+Sampling: temperature, top_k and top_p (nucleus) as the engine (top_k 0 = off, top_p 1 = off,
+temperature 0 = greedy), on both chat routes. Engines with session() sample top_p; an older engine
+whose generate() takes no top_p accepts only top_p = 1 (anything else is a 400 saying so).
+
+Readiness: each worker warms its engine up (engine.warmup(), when it has one) before serving;
+/health says ready only once every worker has.
 
 Tool calls: on /chat/completions the tokens inside <|python_start|>..<|python_end|> and
 <|output_start|>..<|output_end|> are sent as events with "part": "python" / "python_output" (the
@@ -73,15 +76,20 @@ def _sse(obj):
     return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
 
 
-def create_app(engines, tokenizer, *, model_name="nanochat", devices=None, temperature=0.8, top_k=50,
+def create_app(engines, tokenizer, *, model_name="nanochat", devices=None, temperature=0.8, top_k=50, top_p=1.0,
                max_tokens=512, max_batch=8, max_queue=64, request_timeout=300.0, api_key=None,
                cors_origins=(), log_conversations=False, max_context=None, allowed_hosts=LOOPBACK_HOSTS,
-               max_body_bytes=MAX_BODY_BYTES, body_timeout=BODY_TIMEOUT_S):
-    """The FastAPI app over `engines` (one per device; each has generate(), optionally
-    generate_multi()). Defaults for sampling come from the CLI flags. allowed_hosts: the Host
-    names answered (default: loopback names only; None or ["*"] = any), see security.py."""
-    pool = WorkerPool(engines, tokenizer, devices, max_batch=max_batch, max_queue=max_queue)
+               max_body_bytes=MAX_BODY_BYTES, body_timeout=BODY_TIMEOUT_S, batching="step"):
+    """The FastAPI app over `engines` (one per device; each has session(), or generate() and
+    optionally generate_multi()). Defaults for sampling come from the CLI flags. batching: "step"
+    (requests join a running batch) or "admission" (only a starting one), see scheduler.py.
+    allowed_hosts: the Host names answered (default: loopback names only; None or ["*"] = any),
+    see security.py."""
+    pool = WorkerPool(engines, tokenizer, devices, max_batch=max_batch, max_queue=max_queue, batching=batching)
     max_context = max_context or _model_context(engines[0])
+    if top_p < 1.0 and not pool.supports_top_p:
+        pool.close()
+        raise ValueError("a default top_p below 1 needs an engine that samples top_p (Engine.session)")
 
     @asynccontextmanager
     async def lifespan(app):
@@ -140,7 +148,7 @@ def create_app(engines, tokenizer, *, model_name="nanochat", devices=None, tempe
     async def health():
         s = pool.stats()
         alive = all(t.is_alive() for t in pool.threads) and not pool.closed
-        return {"status": "ok" if alive else "unavailable", "ready": alive, "model": model_name,
+        return {"status": "ok" if alive else "unavailable", "ready": alive and pool.ready, "model": model_name,
                 "num_gpus": s["total_workers"], "available_workers": s["available_workers"],
                 "queue_depth": s["queue_depth"], "auth": bool(api_key)}
 
@@ -171,11 +179,11 @@ def create_app(engines, tokenizer, *, model_name="nanochat", devices=None, tempe
         check_range("seed", seed, MIN_SEED, MAX_SEED)
         if p is not None:
             if not (0.0 < p <= 1.0):
-                raise APIError(400, f"top_p must be in (0, 1], got {p}.", param="top_p")
+                raise APIError(400, f"top_p must be more than 0 and at most 1 (1 = off), got {p}.", param="top_p")
             if p < 1.0 and not pool.supports_top_p:
                 raise APIError(400, "top_p < 1 is not supported by this engine; use top_k (extra_body) instead.",
                                param="top_p", code="unsupported_value")
-        prompt = build_prompt(tokenizer, msgs)
+        prompt = pool.replies.render(build_prompt(tokenizer, msgs))
         max_new = max_tokens if max_new is None else max_new
         if max_context:
             if len(prompt) >= max_context:
@@ -183,7 +191,7 @@ def create_app(engines, tokenizer, *, model_name="nanochat", devices=None, tempe
                                param="messages", code="context_length_exceeded")
             max_new = min(max_new, max_context - len(prompt))
         job = Job(prompt, n=n, max_tokens=max_new, temperature=temperature if temp is None else temp,
-                  top_k=top_k if k is None else k, top_p=1.0 if p is None else p, seed=seed, stops=stops,
+                  top_k=top_k if k is None else k, top_p=top_p if p is None else p, seed=seed, stops=stops,
                   timeout=request_timeout)
         job.messages = msgs
         try:
@@ -251,7 +259,7 @@ def create_app(engines, tokenizer, *, model_name="nanochat", devices=None, tempe
 
     @app.post("/chat/completions", responses=documented(None, *CHAT_ERRORS, stream=True))
     async def chat_completions(req: ChatRequest):
-        job = make_job(req.messages, temp=req.temperature, k=req.top_k, p=None, max_new=req.max_tokens,
+        job = make_job(req.messages, temp=req.temperature, k=req.top_k, p=req.top_p, max_new=req.max_tokens,
                        seed=req.seed, allow_tool_parts=True)
 
         async def stream():

@@ -2,13 +2,24 @@
 bounded FIFO queue of Jobs.
 
 Requests wait in one bounded FIFO queue shared by the workers (full -> QueueFull, answered 429 +
-Retry-After). A worker runs the engine's generator off the event loop and hands text to the
-request's asyncio.Queue through loop.call_soon_threadsafe. Every generated token it checks the
-request's cancel flag, which is set when the client disconnects or the request outlives
---request-timeout, so a dropped client frees its worker at once. When the engine has
-`generate_multi` (batched decode of different prompts) and max_batch > 1, a worker that becomes free
-takes up to max_batch waiting rows with the same sampling settings and decodes them together
-(dynamic batching); otherwise it serves one request at a time.
+Retry-After). A worker runs the engine off the event loop and hands text to the request's
+asyncio.Queue through loop.call_soon_threadsafe. A request's cancel flag is set when the client
+disconnects or the request outlives --request-timeout; the worker checks it every step, so a
+dropped client frees its rows at once.
+
+How a worker batches depends on what its engine offers and on `batching`:
+  - "step" (engines with session()): continuous batching. The worker keeps one decode session
+    open; at every step it admits waiting requests while rows are free (their prompts are
+    prefilled inside that step), and rows leave as they finish, stop or are cancelled. A
+    request never waits for the current batch to drain. Each row samples from its own seed, so
+    a seeded request gives the same text whoever it shares the batch with. Single-reply requests
+    keep their final KV cache in the engine's prefix store, so the next turn of the same chat
+    prefills only what is new.
+  - "admission": a worker takes waiting requests only when its batch is empty and decodes them
+    until all are done; requests that arrive meanwhile wait for the next batch. Through the
+    session (any mix of sampling settings), or for engines with only generate_multi(), up to
+    max_batch waiting rows with the same sampling settings.
+  - engines with neither, and max_batch 1: one request at a time.
 """
 
 import asyncio
@@ -20,7 +31,7 @@ import threading
 import time
 from collections import deque
 
-from nanochat.server.text import RowDecoder
+from nanochat.server.text import ReplyTokens, RowDecoder
 
 logger = logging.getLogger("nanochat.server")
 
@@ -76,33 +87,48 @@ class Job:
         return (self.temperature, self.top_k, self.top_p)
 
 
+BATCHING_MODES = ("step", "admission")
+
+
 class Worker:
-    def __init__(self, worker_id, engine, device):
+    def __init__(self, worker_id, engine, device, batching):
         self.id = worker_id
         self.engine = engine
         self.device = str(device)
         self.busy = False
+        self.ready = threading.Event()  # set once the engine is warmed up
         self.requests_served = 0
         self.tokens_generated = 0
         self.batches = 0
         self.max_rows_seen = 0
-        params = inspect.signature(engine.generate).parameters
-        self.has_top_p = "top_p" in params
+        self.batch = None  # the StepBatch it decodes (engines with session())
         self.multi = getattr(engine, "generate_multi", None)
         self.multi_params = inspect.signature(self.multi).parameters if self.multi else {}
+        self.stepped = hasattr(engine, "session")  # decodes through engine.session() (see _run_steps)
+        self.continuous = self.stepped and batching == "step"  # admits requests into a running batch
+        generate = getattr(engine, "generate", None)
+        self.has_top_p = self.stepped or (generate is not None and "top_p" in inspect.signature(generate).parameters)
+
+    @property
+    def rows(self):
+        """Rows decoding now (step mode)."""
+        return self.batch.rows if self.batch is not None else 0
 
 
 class WorkerPool:
     """Worker threads over one FIFO queue of Jobs."""
 
-    def __init__(self, engines, tokenizer, devices=None, max_batch=1, max_queue=64):
+    def __init__(self, engines, tokenizer, devices=None, max_batch=1, max_queue=64, batching="step"):
         if not engines:
             raise ValueError("the worker pool needs at least one engine")
+        if batching not in BATCHING_MODES:
+            raise ValueError(f"batching must be one of {', '.join(BATCHING_MODES)}, not {batching!r}")
         devices = devices or ["cpu"] * len(engines)
-        self.workers = [Worker(i, e, d) for i, (e, d) in enumerate(zip(engines, devices))]
+        self.workers = [Worker(i, e, d, batching) for i, (e, d) in enumerate(zip(engines, devices))]
         self.tokenizer = tokenizer
         self.specials = {tokenizer.encode_special(s): s for s in tokenizer.get_special_tokens()}
         self.max_batch = max(1, max_batch)
+        self.replies = ReplyTokens(tokenizer)  # single replies as generated, for the chat's next turn
         self.max_queue = max_queue
         self.waiting = deque()
         self.running = set()  # jobs being generated, so close() can stop them
@@ -124,7 +150,21 @@ class WorkerPool:
 
     @property
     def batching(self):
-        return self.max_batch > 1 and all(w.multi for w in self.workers)
+        return self.batching_mode != "off"
+
+    @property
+    def batching_mode(self):
+        """"step", "admission" or "off": how the workers group requests (see the module docstring)."""
+        if self.max_batch > 1 and all(w.continuous for w in self.workers):
+            return "step"
+        if self.max_batch > 1 and all(w.multi or w.stepped for w in self.workers):
+            return "admission"
+        return "off"
+
+    @property
+    def ready(self):
+        """Every worker is alive and has warmed its engine up."""
+        return not self.closed and all(t.is_alive() and w.ready.is_set() for t, w in zip(self.threads, self.workers))
 
     # --- the request side (event loop) ---------------------------------------------------
 
@@ -134,12 +174,16 @@ class WorkerPool:
                 raise QueueFull("the server is shutting down")
             self.requests_total += 1
             self._drop_cancelled()
-            idle = sum(not w.busy for w in self.workers)  # a job for an idle worker waits only a moment
-            if len(self.waiting) >= self.max_queue + idle:
+            if len(self.waiting) >= self.max_queue + self._free_rows():
                 self.requests_rejected += 1
                 raise QueueFull(f"the request queue is full ({self.max_queue} waiting)")
             self.waiting.append(job)
             self.cond.notify()
+
+    def _free_rows(self):
+        """Rows that can start decoding within a step (call with self.cond held): an idle worker takes
+        a job at once, and a worker batching at every step takes one into each free row."""
+        return sum(max(0, self.max_batch - w.rows) if w.continuous else not w.busy for w in self.workers)
 
     def _drop_cancelled(self):
         """Forget queued jobs whose client left or timed out (call with self.cond held), so they
@@ -174,6 +218,7 @@ class WorkerPool:
             "max_queue": self.max_queue,
             "max_batch": self.max_batch,
             "batching": self.batching,
+            "batching_mode": self.batching_mode,
             "requests_total": self.requests_total,
             "requests_completed": self.requests_completed,
             "requests_rejected": self.requests_rejected,
@@ -212,7 +257,20 @@ class WorkerPool:
             self.running.update(jobs)
             return jobs
 
+    def _warm(self, worker):
+        """Warm the engine up (allocations, compiled kernels) before the worker says it is ready."""
+        warmup = getattr(worker.engine, "warmup", None)
+        try:
+            if warmup is not None:
+                warmup()
+        except Exception:  # a failed warm-up costs the first request time, not the server
+            logger.exception(f"warming up worker {worker.id} failed; serving without it")
+        worker.ready.set()
+
     def _run(self, worker):
+        self._warm(worker)
+        if worker.stepped:
+            return self._run_steps(worker)
         while True:
             jobs = self._take(worker)
             if jobs is None:
@@ -271,6 +329,8 @@ class WorkerPool:
                 for part, text in out:
                     job.push("delta", i, part, text)
                 job.push("finish", i, row.finish_reason)
+        if job.n == 1:
+            self.replies.remember("".join(rows[0].sent), rows[0].tokens)
         # every token was counted as it was delivered (_deliver)
         completion = job.completion_tokens
         job.push("end", {"prompt_tokens": len(job.prompt), "completion_tokens": completion,
@@ -340,3 +400,151 @@ class WorkerPool:
             gen.close()
         for job_id, job in live.items():
             self._end(worker, job, rows[job_id])
+
+    # --- step-level batching (engines with session()) ------------------------------------------
+
+    def _admit(self, worker, rows_used):
+        """Block while the worker has no rows and nothing waits; -> the jobs to start now (FIFO,
+        as many as fit in the free rows), or None when the pool closes. A job of more rows than
+        max_batch still starts when the worker has nothing else to do. In admission mode jobs
+        only join a batch that is starting."""
+        with self.cond:
+            while True:
+                self._drop_cancelled()
+                if self.closed or (self.waiting and (rows_used == 0 or worker.continuous)):
+                    break
+                if rows_used:
+                    return []
+                worker.busy = False
+                self.cond.wait()
+            if self.closed:
+                return None
+            jobs = []
+            while self.waiting and (rows_used == 0 or rows_used + self.waiting[0].n <= self.max_batch):
+                job = self.waiting.popleft()
+                jobs.append(job)
+                rows_used += job.n
+            worker.busy = True
+            self.running.update(jobs)
+            return jobs
+
+    def _run_steps(self, worker):
+        """Each turn of the loop admits waiting jobs into free rows, retires the jobs whose request
+        ended, and decodes every row one token (the new rows' prompts prefilled in that step)."""
+        batch = worker.batch = StepBatch(self, worker)
+        try:
+            while True:
+                jobs = self._admit(worker, batch.rows)
+                if jobs is None:
+                    return
+                worker.batches += bool(jobs) and not batch.rows
+                for job in jobs:
+                    batch.start(job)
+                batch.drop_expired()
+                if batch.rows:
+                    batch.step()
+        finally:
+            batch.close()
+            worker.busy = False
+
+    def _job_done(self, worker, job):
+        worker.requests_served += 1
+        with self.cond:
+            self.running.discard(job)
+            self.requests_completed += 1
+            if job.started is not None:
+                took = time.monotonic() - job.started
+                self.service_time_ewma = took if self.service_time_ewma is None else 0.8 * self.service_time_ewma + 0.2 * took
+
+
+class StepBatch:
+    """The jobs one worker decodes in its engine's session, and which row belongs to which job.
+    Lives in the worker's thread (the session is not shared)."""
+
+    def __init__(self, pool, worker):
+        self.pool, self.worker = pool, worker
+        self.session = None
+        self.jobs = {}  # job id -> (job, its RowDecoders, its session row ids)
+        self.owner = {}  # session row id -> (job, index of the row in the job)
+
+    @property
+    def rows(self):
+        return len(self.owner)
+
+    def start(self, job):
+        """Add the job's rows to the session (prefilled at the next step). A single reply keeps
+        its final KV cache in the engine's prefix store, so the chat's next turn reuses it."""
+        if self.pool._expired(job):
+            return self.pool._job_done(self.worker, job)
+        if self.session is None:
+            # no max_rows: the pool bounds the rows itself (a job of more than max_batch rows runs alone)
+            self.session = self.worker.engine.session()
+        job.worker_id = self.worker.id
+        job.started = time.monotonic()
+        try:
+            row_ids = self.session.add(job.prompt, n=job.n, max_tokens=job.max_tokens, temperature=job.temperature,
+                                       top_k=job.top_k or None, top_p=job.top_p, seed=job.seed, keep=job.n == 1)
+        except Exception:
+            logger.exception(f"could not start {job.id}")
+            return self._fail([job])
+        job.push("start", self.worker.id)
+        self.jobs[job.id] = (job, self.pool._rows(job), list(row_ids))
+        self.owner.update({row_id: (job, i) for i, row_id in enumerate(row_ids)})
+
+    def drop_expired(self):
+        """Free the rows of jobs whose client left or whose time ran out (they leave before the next step)."""
+        for job, _rows, row_ids in list(self.jobs.values()):
+            if self.pool._expired(job):
+                for row_id in row_ids:
+                    if row_id in self.owner:
+                        self.session.cancel(row_id)
+                self._retire(job, ended=False)
+
+    def step(self):
+        """Decode one token for every row and hand each to its job; rows that finished, or hit a
+        stop string, leave the session."""
+        self.worker.max_rows_seen = max(self.worker.max_rows_seen, self.rows)
+        try:
+            events = self.session.step()
+        except Exception:  # the engine failed: tell every client of this batch, start a new session
+            logger.exception(f"generation failed for {' '.join(self.jobs)}")
+            return self._fail([job for job, _rows, _ids in self.jobs.values()])
+        for row_id, token, _mask, finished in events:
+            if row_id not in self.owner:
+                continue
+            job, i = self.owner[row_id]
+            _job, rows, row_ids = self.jobs[job.id]
+            self.pool._deliver(self.worker, job, rows, i, token)
+            if finished or rows[i].done:
+                if not finished:  # a stop string ended it (or the request did): the engine can stop
+                    self.session.cancel(row_id)
+                del self.owner[row_id]
+                if not any(r in self.owner for r in row_ids):
+                    self._retire(job, ended=True)
+
+    def _retire(self, job, ended):
+        """The job leaves the batch; with ended, its last text and its usage are sent."""
+        _job, rows, row_ids = self.jobs.pop(job.id)
+        for row_id in row_ids:
+            self.owner.pop(row_id, None)
+        if ended:
+            self.pool._end(self.worker, job, rows)
+        self.pool._job_done(self.worker, job)
+
+    def _fail(self, jobs):
+        # the exception text can hold paths and internals: it goes to the log, not to clients
+        for job in jobs:
+            job.push("error", f"Generation failed (request id {job.id}); the details are in the server log.")
+            if job.id in self.jobs:
+                self._retire(job, ended=False)
+            else:
+                self.pool._job_done(self.worker, job)
+        if not self.jobs:
+            self.close()
+
+    def close(self):
+        for job, _rows, _ids in list(self.jobs.values()):
+            self._retire(job, ended=False)
+        if self.session is not None:
+            self.session.close()
+            self.session = None

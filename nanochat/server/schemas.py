@@ -6,7 +6,9 @@ from typing import Any, Literal
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict
 
-# Request limits (SPEC §11.2); violations are 400s with a message naming the limit.
+from nanochat.tokenizer import ConversationError, check_conversation
+
+# Request limits (docs/security.md#the-server); violations are 400s with a message naming the limit.
 MAX_MESSAGES = 500
 MAX_MESSAGE_CHARS = 8000
 MAX_TOTAL_CHARS = 32000
@@ -63,11 +65,12 @@ class Message(BaseModel):
 
 
 class ChatRequest(BaseModel):
-    """POST /chat/completions (upstream's web UI protocol)."""
+    """POST /chat/completions (the protocol of the bundled web page, nanochat/ui)."""
     model_config = ConfigDict(**STRICT, extra="ignore")
     messages: list[Message]
     temperature: float | None = None
     top_k: int | None = None
+    top_p: float | None = None
     max_tokens: int | None = None
     seed: int | None = None
 
@@ -147,6 +150,7 @@ class Stats(BaseModel):
     max_queue: int
     max_batch: int
     batching: bool
+    batching_mode: Literal["step", "admission", "off"]
     requests_total: int
     requests_completed: int
     requests_rejected: int
@@ -242,7 +246,8 @@ def _content_text(message, index, allow_parts):
 
 
 def validate_messages(messages, allow_tool_parts=False):
-    """Check SPEC §11.2's limits; -> messages as plain dicts (system merged later by the tokenizer)."""
+    """Check the request limits and the chat format; -> messages as plain dicts (system merged
+    later by the tokenizer)."""
     if not messages:
         raise APIError(400, "At least one message is required.", param="messages")
     if len(messages) > MAX_MESSAGES:
@@ -268,6 +273,10 @@ def validate_messages(messages, allow_tool_parts=False):
                        param="messages")
     if out[-1]["role"] != "user":
         raise APIError(400, "The last message must be from the user.", param="messages")
+    try:
+        check_conversation(out)
+    except ConversationError as e:
+        raise APIError(400, f"The conversation is not in the chat format: {e}", param="messages") from None
     return out
 
 
@@ -278,10 +287,6 @@ def check_range(name, value, lo, hi):
 
 def build_prompt(tokenizer, messages):
     """[BOS] + the conversation + <|assistant_start|>, rendered by the tokenizer (system merged into
-    the first user message, SPEC §6.3) without render_conversation's 2048-token training crop."""
-    try:
-        ids, _ = tokenizer.render_conversation({"messages": messages}, max_tokens=10**9)
-    except (ValueError, AssertionError) as e:
-        raise APIError(400, f"Cannot render the conversation: {e}.", param="messages") from None
-    ids.append(tokenizer.encode_special("<|assistant_start|>"))
-    return ids
+    the first user message) without render_conversation's 2048-token training crop."""
+    ids, _ = tokenizer.render_conversation({"messages": messages}, max_tokens=10**9)
+    return ids + [tokenizer.encode_special("<|assistant_start|>")]

@@ -5,7 +5,13 @@ never emitted. Tool calls: the tokens inside <|python_start|>..<|python_end|> an
 <|output_start|>..<|output_end|> come out as parts "python" / "python_output", and the markers
 themselves as part "marker" (the routes decide whether a client sees them). Stop strings cut the
 text at their first occurrence.
+
+ReplyTokens goes the other way for a chat's next turn: the reply comes back as text, and it is
+rendered as the tokens it was generated as.
 """
+
+import threading
+from collections import OrderedDict
 
 TERMINAL_TOKENS = ("<|assistant_end|>", "<|bos|>")
 # special token -> (part it opens, part it closes)
@@ -53,6 +59,8 @@ class RowDecoder:
         self.max_tokens = max_tokens
         self.part = "text"
         self.pending = []
+        self.tokens = []  # every token fed, as generated
+        self.sent = []  # the text of every delta released (markers included)
         self.stop = StopMatcher(stops) if stops else None
         self.num_tokens = 0
         self.finish_reason = None  # "stop" | "length" once finished
@@ -61,17 +69,21 @@ class RowDecoder:
     def done(self):
         return self.finish_reason is not None
 
+    def _out(self, part, text, out):
+        out.append((part, text))
+        self.sent.append(text)
+
     def _emit(self, part, text, out):
         if not text:
             return
         if self.stop is not None:
             text, stopped = self.stop.push(text)
             if text:
-                out.append((part, text))
+                self._out(part, text, out)
             if stopped:
                 self.finish_reason = "stop"
             return
-        out.append((part, text))
+        self._out(part, text, out)
 
     def _flush(self, out):
         """Release everything held back: pending tokens (even if cut mid-character) and text
@@ -83,13 +95,14 @@ class RowDecoder:
             self.pending = []
             self._emit(self.part, text, out)
         if self.stop is not None and self.stop.held and not self.done:
-            out.append((self.part, self.stop.flush()))
+            self._out(self.part, self.stop.flush(), out)
 
     def feed(self, token):
         """Append one token; returns the list of deltas it releases (possibly empty)."""
         out = []
         if self.done:
             return out
+        self.tokens.append(token)
         self.num_tokens += 1
         special = self.specials.get(token)
         if special in TERMINAL_TOKENS:
@@ -116,3 +129,60 @@ class RowDecoder:
         self._flush(out)
         if not self.done:
             self.finish_reason = reason
+
+
+class ReplyTokens:
+    """The tokens recent replies were generated as, by their text (LRU, at most max_entries).
+
+    A client sends the conversation back as text. BPE can spell one text with many token
+    sequences and the model does not always pick the one encode() gives, so re-encoding a reply
+    can change its tokens: the model would then read something other than what it wrote, and the
+    follow-up prompt would no longer start with the tokens whose KV cache the engine kept
+    (prefix reuse). render() swaps each assistant message that is a remembered reply back to its
+    generated tokens; the text is the same either way."""
+
+    def __init__(self, tokenizer, max_entries=4096):
+        self.tok = tokenizer
+        self.max_entries = max_entries
+        self.entries = OrderedDict()  # reply text -> its generated tokens
+        self.lock = threading.Lock()  # workers remember, request handlers render
+        special = tokenizer.encode_special
+        self.start, self.end = special("<|assistant_start|>"), special("<|assistant_end|>")
+        self.terminal = {special(s) for s in TERMINAL_TOKENS}
+        self.specials = {special(s) for s in tokenizer.get_special_tokens()}
+        # specials a reply's text shows (tool markers, as text on /v1); the others are dropped from it
+        self.unseen = self.specials - {special(s) for s in TOOL_MARKERS}
+
+    def remember(self, text, tokens):
+        """A finished reply: the text its client got and the tokens it was generated as (a
+        terminal token at the end is dropped). Replies whose text leaves out a special token they
+        hold, and ones encode() spells the same way, are not kept."""
+        tokens = list(tokens)
+        while tokens and tokens[-1] in self.terminal:
+            tokens.pop()
+        if not text or not tokens or any(t in self.unseen for t in tokens) or self.tok.encode(text) == tokens:
+            return
+        with self.lock:
+            self.entries[text] = tokens
+            self.entries.move_to_end(text)
+            while len(self.entries) > self.max_entries:
+                self.entries.popitem(last=False)
+
+    def render(self, ids):
+        """A rendered prompt with every remembered reply (the tokens between <|assistant_start|>
+        and <|assistant_end|>) spelled as it was generated."""
+        if not self.entries:
+            return ids
+        out, i = [], 0
+        while i < len(ids):
+            out.append(ids[i])
+            if ids[i] == self.start and self.end in ids[i + 1:]:
+                j = ids.index(self.end, i + 1)
+                body = ids[i + 1:j]
+                with self.lock:
+                    generated = None if any(t in self.specials for t in body) else self.entries.get(self.tok.decode(body))
+                out.extend(generated if generated is not None else body)
+                i = j
+                continue
+            i += 1
+        return out

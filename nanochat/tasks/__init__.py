@@ -1,5 +1,5 @@
 """Chat tasks: one file per dataset, each a `Task` that turns rows into conversations and
-grades answers (SPEC §8). Used by SFT (training mixtures), RL (GSM8K rewards) and chat
+grades answers. Used by SFT (training mixtures), RL (GSM8K rewards) and chat
 evaluation (ARC, MMLU, GSM8K, HumanEval, SpellingBee).
 
 Where the data comes from, in this order (one resolver: `nanochat.tasks.common.get_task_data_dir`):

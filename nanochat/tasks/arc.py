@@ -1,5 +1,5 @@
-"""ARC (AI2 Reasoning Challenge), Easy and Challenge: grade-school science multiple choice
-(SPEC §8.2). Categorical: the model answers with one letter."""
+"""ARC (AI2 Reasoning Challenge), Easy and Challenge: grade-school science multiple choice.
+Categorical: the model answers with one letter."""
 
 from nanochat.tasks.common import Task, render_mc
 from nanochat.tasks.hub import load_task_rows

@@ -1,4 +1,4 @@
-"""The task framework (SPEC §8.1): `Task` (a sliceable view over a dataset of conversations),
+"""The task framework: `Task` (a sliceable view over a dataset of conversations),
 `TaskMixture` (shuffled union, for SFT), `TaskSequence` (concatenation, for curricula),
 `render_mc` (the multiple-choice prompt), and where task data lives on disk."""
 
@@ -113,7 +113,7 @@ class TaskSequence(Task):
 def render_mc(question, letters, choices):
     """The multiple-choice prompt. Each choice is followed by "=" and its letter with no space:
     the model answers with the bare letter token (no leading space), which then matches the
-    token it saw in the prompt (SPEC §8.1)."""
+    token it saw in the prompt."""
     if len(letters) != len(choices):
         raise ValueError(f"{len(letters)} letters for {len(choices)} choices")
     lines = [f"Multiple Choice question: {question}\n"]

@@ -1,4 +1,4 @@
-"""GSM8K: grade-school math word problems (SPEC §8.2). Generative; the reference solutions'
+"""GSM8K: grade-school math word problems. Generative; the reference solutions'
 calculator annotations `<<48/2=24>>` become python tool calls, so SFT teaches the model to use
 the calculator, and answers are graded on the final "#### <number>"."""
 

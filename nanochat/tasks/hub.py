@@ -1,4 +1,4 @@
-"""Task data without the `datasets` library (SPEC §8.3): local jsonl/parquet files, and the
+"""Task data without the `datasets` library: local jsonl/parquet files, and the
 Hugging Face parquet export downloaded once into base_dir/task_data.
 
     rows = load_hub_dataset("openai/gsm8k", "main", "test")     # HubDataset, lazy rows
@@ -10,14 +10,13 @@ else the hub (cached), else TaskDataMissing.
 """
 
 import glob
-import gzip
 import json
 import os
 import time
 
 import numpy as np
 
-from nanochat.common import NanochatError, atomic_path, get_base_dir
+from nanochat.common import NanochatError, atomic_path, get_base_dir, iter_jsonl
 from nanochat.tasks.common import TaskDataMissing, get_task_data_dir
 
 DEFAULT_ENDPOINT = "https://huggingface.co"
@@ -56,7 +55,8 @@ class HubDataset:
 
     def shuffle(self, seed):
         """A shuffled view: row i is original row default_rng(seed).permutation(n)[i], the
-        order `datasets.Dataset.shuffle(seed=seed)` gives (SPEC §8.3)."""
+        order `datasets.Dataset.shuffle(seed=seed)` gives, so a task's examples (and scores on a
+        subset) are the same with or without that library."""
         perm = np.random.default_rng(seed).permutation(len(self))
         order = perm if self.order is None else np.asarray(self.order)[perm]
         return HubDataset(self.table, self.rows, order, self.source)
@@ -68,23 +68,6 @@ class HubDataset:
 
 # -----------------------------------------------------------------------------
 # Local files
-
-
-def read_jsonl(path):
-    """List of the JSON values on each non-blank line of a .jsonl or .jsonl.gz file; a line that
-    is not JSON raises NanochatError naming the file and line number."""
-    opener = gzip.open if path.endswith(".gz") else open
-    values = []
-    with opener(path, "rt", encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                values.append(json.loads(line))
-            except json.JSONDecodeError as e:
-                raise NanochatError(f"{path}:{lineno}: not valid JSON ({e.msg} at column {e.colno}); "
-                                    f"fix or remove that line.") from None
-    return values
 
 
 def read_parquet(paths):
@@ -112,10 +95,11 @@ def read_rows_file(path):
         return HubDataset(table=read_parquet(shards), source=path)
     if path.endswith(".parquet"):
         return HubDataset(table=read_parquet([path]), source=path)
-    rows = read_jsonl(path)
-    for lineno, row in enumerate(rows, 1):
+    rows = []
+    for lineno, row in iter_jsonl(path):
         if not isinstance(row, dict):
-            raise NanochatError(f"{path}: row {lineno} is a JSON {type(row).__name__}, expected an object.")
+            raise NanochatError(f"{path}:{lineno}: a JSON {type(row).__name__}, expected an object.")
+        rows.append(row)
     return HubDataset(rows=rows, source=path)
 
 

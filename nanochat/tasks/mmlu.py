@@ -1,4 +1,4 @@
-"""MMLU: multiple choice over 57 subjects (SPEC §8.2). Categorical; letters A-D.
+"""MMLU: multiple choice over 57 subjects. Categorical; letters A-D.
 Subset "all" has splits auxiliary_train / validation / dev / test; subset "auxiliary_train"
 (split "train") is the same auxiliary set with each row nested under a "train" column."""
 

@@ -1,4 +1,4 @@
-"""Synthetic spelling tasks (SPEC §8.2): SpellingBee ("how many r are in strawberry?", answered
+"""Synthetic spelling tasks: SpellingBee ("how many r are in strawberry?", answered
 by spelling the word out, counting, and checking with the python tool) and SimpleSpelling
 ("Spell the word: cat" -> "cat:c,a,t"). Small models cannot see letters inside tokens; these
 teach them to spell and to count with the tool. Examples are a pure function of the index.
@@ -112,7 +112,7 @@ def load_words(words_path=None, data_dir=None):
     except NanochatError:
         if os.path.isfile(SYSTEM_WORDS):  # offline only: a different list gives different examples and scores
             logger.warning(f"spelling tasks use the system word list {SYSTEM_WORDS}: words_alpha.txt could not be "
-                           f"downloaded (put it at {candidates[0]} to match upstream)")
+                           f"downloaded (put it at {candidates[0]} for the usual examples and scores)")
             return _read_words(SYSTEM_WORDS)
         raise TaskDataMissing(f"the spelling tasks need a word list and downloading it failed: put words_alpha.txt "
                               f"(from {WORDS_URL}) at {candidates[0]}, or connect to the network.") from None

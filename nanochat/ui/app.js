@@ -1,4 +1,4 @@
-// nanochat web chat (SPEC §11.3). Vanilla JS, no build step, no network beyond this server.
+// nanochat web chat (docs/serving.md). Vanilla JS, no build step, no network beyond this server.
 // Model output is only ever put on the page through textContent / createElement (no HTML parsing).
 "use strict";
 
