@@ -514,3 +514,18 @@ def test_rows_with_different_top_p_in_one_step():
     assert (tokens[:, 0] == 1).all()
     assert set(tokens[:, 1].tolist()) == {1, 3}
     assert set(tokens[:, 2].tolist()) == {0, 1, 2, 3}
+
+
+def test_session_cache_grows_in_rows_and_positions_without_changing_tokens(tokenizer):
+    engine = Engine(build(sequence_len=512, head_std=0.3), tokenizer, compile=False)
+    short, long = [291, 40, 41], list(range(1, 290))
+    alone_short = [sampled_alone(engine, short, seed=s, max_tokens=12) for s in range(5)]
+    alone_long = sampled_alone(engine, long, seed=7, max_tokens=12)
+    sess = engine.session()
+    first = sess.add(short, n=5, max_tokens=12, seed=0)
+    sess.step()
+    assert tuple(sess.k.shape[1:3]) == (5, 256)
+    out, (late,) = run_session(sess, joins=[(0, dict(tokens=long, max_tokens=12, seed=7))])
+    assert sess.k is not None and tuple(sess.k.shape[1:3]) == (10, 512)  # doubled rows, a longer context
+    assert [alone_short[i][:1] + out[r] for i, r in enumerate(first)] == alone_short
+    assert out[late] == alone_long
