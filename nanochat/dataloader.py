@@ -101,6 +101,23 @@ def _encode_state(cursor, buffer, rank, world_size):
             "rank": rank, "world_size": world_size}
 
 
+def split_batches(tokenizer, B, T, split, limit, data_dir=None, rank=None, world_size=None, threads=4):
+    """How many (B, T) batches this rank's share of `split` fills in one pass, at most `limit`:
+    the documents are tokenized (with their BOS) until they fill `limit` batches or run out. An
+    evaluation of `limit` batches on a smaller split would cycle it; this is its one-pass budget."""
+    if rank is None or world_size is None:
+        _, rank, _, world_size = get_dist_info()
+    bos, tokens, needed = tokenizer.get_bos_token_id(), 0, limit * B * (T + 1)
+    for path in split_parquet_files(split, data_dir):
+        pf = open_parquet(path)
+        for rg_idx in range(rank, pf.num_row_groups, world_size):
+            texts = read_row_group_texts(pf, path, rg_idx)
+            tokens += sum(map(len, tokenizer.encode(texts, prepend=bos, num_threads=threads)))
+            if tokens >= needed:
+                return limit
+    return max(1, tokens // (B * (T + 1)))
+
+
 def _decode_state(state, paths, rank, world_size):
     """(cursor, buffer keys) to resume from; see the module docstring for the two kinds of state."""
     try:

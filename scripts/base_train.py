@@ -42,10 +42,12 @@ from nanochat.common import (  # noqa: E402
     compute_init,
     init_wandb,
     mfu_denominator,
+    mfu_percent,
     print0,
     run_main,
     training_session,
 )
+from nanochat.dataloader import split_batches  # noqa: E402
 from nanochat.dataloader import tokenizing_distributed_data_loader_with_state_bos_bestfit as make_loader  # noqa: E402
 from nanochat.dataset import open_parquet, split_parquet_files  # noqa: E402
 from nanochat.gpt import GPT, GPTConfig  # noqa: E402
@@ -71,6 +73,8 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--run", default="dummy", help="wandb run name ('dummy' disables wandb)")
     p.add_argument("--device-type", default="", help="cuda|cpu|mps (empty: autodetect)")
+    p.add_argument("--force-dtype", action="store_true",
+                   help="keep NANOCHAT_DTYPE even on a CPU that runs it far slower than float32")
     p.add_argument("--fp8", action="store_true", help="FP8 training (CUDA only)")
     p.add_argument("--fp8-recipe", default="tensorwise", choices=["rowwise", "tensorwise"])
     # model
@@ -125,6 +129,11 @@ def scaling_params(config):
     with torch.device("meta"):
         counts = GPT(config).num_scaling_params()
     return counts["transformer_matrices"] + counts["lm_head"]
+
+
+def finite_or_none(x):
+    """A number for the summary JSON: inf/nan (no evaluation ran, nothing counted) become null."""
+    return x if x is not None and math.isfinite(x) else None
 
 
 @torch.no_grad()
@@ -280,6 +289,15 @@ def train(args):
         return make_loader(tokenizer, args.device_batch_size, args.max_seq_len, split="val", device=device,
                            data_dir=args.data_dir)
 
+    # evaluation budget: --eval-tokens, but never more than one pass over the validation split
+    eval_steps = max(1, args.eval_tokens // (tokens_per_micro * world_size))
+    if args.eval_every > 0:
+        one_pass = split_batches(tokenizer, args.device_batch_size, args.max_seq_len, "val", eval_steps, args.data_dir)
+        if one_pass < eval_steps:
+            print0(f"Validation: {one_pass} batches per evaluation, one pass over the val split (--eval-tokens "
+                   f"asks for {eval_steps}, which would cycle it)")
+            eval_steps = one_pass
+
     x, y, next_loader_state = next(train_loader)
     # the position after the last batch trained on: resuming from it yields the current batch again
     trained_loader_state = loader_state
@@ -302,7 +320,6 @@ def train(args):
 
         if args.eval_every > 0 and (last_step or step % args.eval_every == 0):
             model.eval()
-            eval_steps = max(1, args.eval_tokens // (tokens_per_micro * world_size))
             val_bpb = evaluate_bpb(model, build_val_loader(), eval_steps, token_bytes)
             min_val_bpb = min(min_val_bpb, val_bpb)
             print0(f"Step {step:05d} | Validation bpb: {val_bpb:.6f}")
@@ -402,7 +419,7 @@ def train(args):
         debiased = smooth_train_loss / (1 - ema_beta ** (step + 1))
         tok_per_sec = int(total_batch_size / dt)
         flops_per_sec = flops_per_token * total_batch_size / dt
-        mfu = 100 * flops_per_sec / (peak_flops * world_size) if math.isfinite(peak_flops) else None
+        mfu = mfu_percent(flops_per_sec, peak_flops * world_size)
         if step > 10:
             total_training_time += dt
         done = step + 1 - resume_step
@@ -431,15 +448,15 @@ def train(args):
     peak_mem = torch.cuda.max_memory_allocated() / 1024**2 if device.type == "cuda" else float("nan")
     print0(f"Peak memory usage: {peak_mem:.2f}MiB")
     print0(f"Total training time: {total_training_time / 60:.2f}m")
-    print0(f"Minimum validation bpb: {min_val_bpb:.6f}")
+    print0(f"Minimum validation bpb: {min_val_bpb:.6f}" if math.isfinite(min_val_bpb) else "No validation ran")
     summary = {
         "depth": args.depth, "model_tag": model_tag, "steps": num_iterations, "total_batch_size": total_batch_size,
         "total_tokens": total_tokens, "scaling_params": n_scaling, "total_params": counts["total"],
         "param_counts": counts, "flops_per_token": flops_per_token, "total_flops": flops_per_token * total_tokens,
-        "min_val_bpb": min_val_bpb, "final_val_bpb": val_bpb, "training_time_s": total_training_time,
+        "min_val_bpb": finite_or_none(min_val_bpb), "final_val_bpb": finite_or_none(val_bpb), "training_time_s": total_training_time,
         "peak_memory_mib": peak_mem if device.type == "cuda" else None, "checkpoint_dir": checkpoint_dir}
     get_report().log(section="Base model training", data=[vars(args), {k: v for k, v in summary.items() if k != "param_counts"}])
-    print0(json.dumps({"base_train": summary}))
+    print0(json.dumps({"base_train": summary}, allow_nan=False))  # strict JSON: null, never Infinity/NaN
     wandb_run.finish()
     compute_cleanup()
 

@@ -1,0 +1,169 @@
+"""Issue 15, off the happy path: runs that die late or crawl, figures that lie, teardown and the
+multi-node launch. Each test is named after the numbered item of the issue it covers."""
+
+import contextlib
+import io
+import json
+import os
+
+import torch
+from helpers import make_tiny_base_checkpoint, make_tiny_data, run_base_train, synthetic_texts, tiny_train_args
+
+from nanochat import common
+from nanochat.dataloader import split_batches
+from nanochat.tokenizer import get_tokenizer
+
+SEQ = 64
+
+
+def _write_chats(path, n, seed):
+    texts = synthetic_texts(n, seed=seed, min_sentences=1, max_sentences=1)
+    with open(path, "w") as f:
+        for t in texts:
+            f.write(json.dumps([{"role": "user", "content": "Say: " + t}, {"role": "assistant", "content": t}]) + "\n")
+    return str(path)
+
+
+# -----------------------------------------------------------------------------
+# item 2: an evaluation budget never cycles a small validation split
+
+
+def test_item2_base_val_budget_is_at_most_one_pass_of_the_split():
+    base = os.environ["NANOCHAT_BASE_DIR"]
+    data_dir = make_tiny_data(base)
+    tok = get_tokenizer(os.path.join(base, "tokenizer"))
+    val_docs = synthetic_texts(400, seed=0)[-32:]  # make_tiny_data's validation documents
+    tokens = sum(len(t) for t in tok.encode(val_docs, prepend=tok.get_bos_token_id()))
+    one_pass = tokens // (2 * (SEQ + 1))
+    assert one_pass >= 3
+    assert split_batches(tok, 2, SEQ, "val", 10**6, data_dir) == one_pass  # a budget of a million batches
+    assert split_batches(tok, 2, SEQ, "val", 2, data_dir) == 2  # a budget the split fills is kept
+    # two ranks: each counts the row groups it reads (rank r reads groups r, r+2, ...)
+    halves = [split_batches(tok, 2, SEQ, "val", 10**6, data_dir, rank=r, world_size=2) for r in (0, 1)]
+    assert sum(halves) in (one_pass - 1, one_pass, one_pass + 1)
+
+
+def test_item2_sft_default_eval_tokens_read_each_val_conversation_once(tmp_path, monkeypatch):
+    from scripts import chat_sft
+
+    base = os.environ["NANOCHAT_BASE_DIR"]
+    info = make_tiny_base_checkpoint(base, seq_len=SEQ)
+    train = _write_chats(tmp_path / "train.jsonl", 60, seed=1)
+    val = _write_chats(tmp_path / "val.jsonl", 40, seed=2)
+    passes = []
+    real = chat_sft.evaluate_bpb
+
+    def counting(model, batches, steps, token_bytes, **kw):
+        states = []
+
+        def spy():
+            for batch in batches:
+                states.append(batch[2]["consumed"])
+                yield batch
+        out = real(model, spy(), steps, token_bytes, **kw)
+        passes.append((steps, states))
+        return out
+
+    monkeypatch.setattr(chat_sft, "evaluate_bpb", counting)
+    with contextlib.redirect_stdout(io.StringIO()):  # default --eval-tokens: 40 x 524288 tokens
+        chat_sft.main([f"--model-tag={info['model_tag']}", f"--mixture={train}", f"--val-mixture={val}",
+                       "--num-iterations=2", "--device-batch-size=4", f"--total-batch-size={4 * SEQ}",
+                       "--eval-every=1", "--chatcore-every=-1", "--compile=0", "--peak-flops=1e12",
+                       "--device-type=cpu", "--output-tag=item2"])
+    assert len(passes) == 3  # steps 0, 1 and 2
+    for steps, consumed in passes:
+        assert steps == 40 * 524288 // (4 * SEQ)  # the budget asked for ...
+        # ... but the pass stops at the batch that takes the 40th conversation
+        assert consumed[-1] >= 40 and all(c < 40 for c in consumed[:-1])
+
+
+# -----------------------------------------------------------------------------
+# item 4: bf16/fp16 on a CPU that emulates them falls back to fp32 with the figures
+
+
+def test_item4_slow_cpu_half_dtype_falls_back_to_fp32_unless_forced(caplog):
+    rates = {torch.bfloat16: 0.9e9, torch.float32: 90e9}
+    assert common.check_cpu_half_dtype(torch.bfloat16, rates.get) == torch.float32
+    assert "0.9 GFLOP/s" in caplog.text and "90.0 GFLOP/s" in caplog.text and "100x slower" in caplog.text
+    assert "--force-dtype" in caplog.text
+    assert common.check_cpu_half_dtype(torch.bfloat16, rates.get, force=True) == torch.bfloat16
+    # a CPU with native bf16 (AVX512-BF16, AMX) keeps it, and says nothing
+    caplog.clear()
+    fast = {torch.bfloat16: 600e9, torch.float32: 200e9}
+    assert common.check_cpu_half_dtype(torch.bfloat16, fast.get) == torch.bfloat16 and caplog.text == ""
+    # the boundary: exactly half the fp32 rate is still accepted
+    assert common.check_cpu_half_dtype(torch.float16, {torch.float16: 1.0, torch.float32: 2.0}.get) == torch.float16
+
+
+# -----------------------------------------------------------------------------
+# item 5: MFU never above 100%; the CPU denominator is the best measurement on this machine
+
+
+def test_item5_cpu_mfu_denominator_is_the_best_measurement_cached_per_machine(monkeypatch):
+    measured = iter([50e9, 200e9, 80e9])
+    monkeypatch.setattr(common, "measure_matmul_flops", lambda device, dtype: next(measured))
+    cpu = torch.device("cpu")
+    assert common.mfu_denominator(cpu, dtype=torch.float32) == 50e9
+    assert common.mfu_denominator(cpu, dtype=torch.float32) == 200e9
+    assert common.mfu_denominator(cpu, dtype=torch.float32) == 200e9  # a busy measurement does not lower it
+    with open(os.path.join(os.environ["NANOCHAT_BASE_DIR"], "matmul_peak.json")) as f:
+        cache = json.load(f)
+    assert list(cache.values()) == [200e9] and "float32" in next(iter(cache))
+    assert common.mfu_denominator(cpu, override=7e12) == 7e12
+
+
+def test_item5_mfu_is_clamped_at_100_with_a_note(monkeypatch, capsys):
+    monkeypatch.setattr(common, "_mfu_clamp_noted", False)
+    assert common.mfu_percent(25e9, 100e9) == 25.0
+    assert common.mfu_percent(270e9, 100e9) == 100.0
+    assert common.mfu_percent(300e9, 100e9) == 100.0
+    out = capsys.readouterr().out
+    assert out.count("note: MFU came out at 270%") == 1 and "busy" in out  # noted once
+    assert common.mfu_percent(1e9, float("inf")) is None
+
+
+# -----------------------------------------------------------------------------
+# item 6: the final JSON line is strict JSON
+
+
+def test_item6_base_train_summary_has_null_not_infinity_without_evaluation():
+    base = os.environ["NANOCHAT_BASE_DIR"]
+    data_dir = make_tiny_data(base)
+    out = run_base_train(base, tiny_train_args(data_dir, steps=2, seq_len=SEQ, eval_every=-1))
+    last = out.strip().splitlines()[-1]
+
+    def refuse(constant):
+        raise AssertionError(f"{constant} in the summary line")
+    summary = json.loads(last, parse_constant=refuse)["base_train"]
+    assert summary["min_val_bpb"] is None and summary["final_val_bpb"] is None and summary["steps"] == 2
+
+
+# -----------------------------------------------------------------------------
+# item 1: offline without task data, SFT trains on identity + spelling and validates on held-out identity
+
+
+def test_item1_sft_offline_without_task_data_holds_out_identity(tmp_path, monkeypatch):
+    from nanochat.tasks import spellingbee
+    from scripts import chat_sft, gen_identity
+
+    base = os.environ["NANOCHAT_BASE_DIR"]
+    info = make_tiny_base_checkpoint(base, seq_len=SEQ)
+    with contextlib.redirect_stdout(io.StringIO()):
+        gen_identity.main(["--num=20"])  # base_dir/identity_conversations.jsonl, as runcpu.sh makes it
+    assert spellingbee.words_from_data(info["data_dir"], os.path.join(base, spellingbee.CORPUS_WORDS)) > 20
+
+    def offline(*args, **kwargs):
+        raise common.NanochatError("offline")
+    monkeypatch.setattr(common, "download_file", offline)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("NANOCHAT_TASK_DATA_DIR", str(tmp_path / "no_task_data"))
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        summary = chat_sft.main([f"--model-tag={info['model_tag']}", "--num-iterations=2", "--device-batch-size=4",
+                                 f"--total-batch-size={4 * SEQ}", "--eval-every=1", "--chatcore-every=-1",
+                                 "--compile=0", "--peak-flops=1e12", "--device-type=cpu", "--output-tag=item1"])
+    assert summary["mixture"] == ("train: identity conversations x2, SimpleSpelling 200K, SpellingBee 80K; "
+                                  "validation: identity conversations[18:] (held out)")
+    assert summary["conversations"] == 2 * 18 + 200000 + 80000  # the 2 held-out conversations are not trained on
+    assert summary["final_val_bpb"] is not None and summary["steps"] == 2
+    assert "validating on the last 2 of the 20 identity conversations" in out.getvalue()
