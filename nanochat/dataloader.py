@@ -118,6 +118,29 @@ def split_batches(tokenizer, B, T, split, limit, data_dir=None, rank=None, world
     return max(1, tokens // (B * (T + 1)))
 
 
+def estimate_split_tokens(tokenizer, split, data_dir=None, sample_docs=256):
+    """About how many tokens (with each document's BOS) the split holds, in a second: the text
+    bytes from the parquet footers divided by the bytes per token of a sample of its documents."""
+    paths = split_parquet_files(split, data_dir)
+    total_bytes, docs = 0, 0
+    for path in paths:
+        meta = open_parquet(path).metadata
+        for g in range(meta.num_row_groups):
+            group = meta.row_group(g)
+            names = [group.column(k).path_in_schema for k in range(group.num_columns)]
+            total_bytes += group.column(names.index("text")).total_uncompressed_size
+            docs += group.num_rows
+    if docs == 0:
+        return 0
+    total_bytes -= 4 * docs  # the footer counts each value's 4-byte length prefix (plain encoding)
+    sample = read_row_group_texts(open_parquet(paths[0]), paths[0], 0)[:sample_docs]
+    sample_bytes = sum(len(t.encode("utf-8")) for t in sample)
+    sample_tokens = sum(map(len, tokenizer.encode(sample)))
+    if sample_tokens == 0:
+        return docs
+    return int(max(total_bytes, 0) * sample_tokens / max(sample_bytes, 1)) + docs
+
+
 def _decode_state(state, paths, rank, world_size):
     """(cursor, buffer keys) to resume from; see the module docstring for the two kinds of state."""
     try:

@@ -47,7 +47,7 @@ from nanochat.common import (  # noqa: E402
     run_main,
     training_session,
 )
-from nanochat.dataloader import split_batches  # noqa: E402
+from nanochat.dataloader import estimate_split_tokens, split_batches  # noqa: E402
 from nanochat.dataloader import tokenizing_distributed_data_loader_with_state_bos_bestfit as make_loader  # noqa: E402
 from nanochat.dataset import open_parquet, split_parquet_files  # noqa: E402
 from nanochat.gpt import GPT, GPTConfig  # noqa: E402
@@ -87,6 +87,8 @@ def parse_args(argv=None):
     p.add_argument("--num-iterations", type=int, default=-1)
     p.add_argument("--target-flops", type=float, default=-1.0)
     p.add_argument("--target-param-data-ratio", type=float, default=12, help="tokens per scaling parameter")
+    p.add_argument("--max-data-passes", type=float, default=0,
+                   help="shorten the horizon to at most this many passes over the training data (0: never shorten)")
     # batch
     p.add_argument("--device-batch-size", type=int, default=32, help="rows per rank per micro-batch")
     p.add_argument("--total-batch-size", type=int, default=-1, help="tokens per optimizer step (-1: from the depth)")
@@ -129,6 +131,27 @@ def scaling_params(config):
     with torch.device("meta"):
         counts = GPT(config).num_scaling_params()
     return counts["transformer_matrices"] + counts["lm_head"]
+
+
+def fit_horizon(num_iterations, total_batch_size, data_tokens, max_passes=0, warn_passes=2.0):
+    """The horizon, shortened to `max_passes` passes over `data_tokens` when that is set (> 0).
+    A run that would still see its data more than `warn_passes` times is told so, with the
+    numbers: a small model memorizes repeated text (its train loss falls, its val loss rises)."""
+    if data_tokens <= 0:
+        return num_iterations
+    passes = num_iterations * total_batch_size / data_tokens
+    if max_passes > 0 and passes > max_passes:
+        fitted = max(1, int(max_passes * data_tokens // total_batch_size))
+        print0(f"Horizon: {num_iterations:,} steps x {total_batch_size:,} tokens would pass over the ~{data_tokens:,} "
+               f"training tokens {passes:.1f} times; shortened to {fitted:,} steps ({max_passes:g} passes, "
+               f"--max-data-passes)")
+        num_iterations, passes = fitted, fitted * total_batch_size / data_tokens
+    if passes > warn_passes:
+        print0(f"warning: this run trains on {num_iterations * total_batch_size:,} tokens but the training data holds "
+               f"about {data_tokens:,}: {passes:.1f} passes over it. Repeated data is memorized (the val loss stops "
+               f"falling, then rises); add data, or lower --num-iterations to about "
+               f"{max(1, int(warn_passes * data_tokens // total_batch_size)):,} ({warn_passes:g} passes).")
+    return num_iterations
 
 
 def finite_or_none(x):
@@ -212,6 +235,8 @@ def train(args):
         raise NanochatError("no horizon: set --num-iterations, --target-flops or --target-param-data-ratio.")
     if num_iterations <= 0:
         raise NanochatError(f"the horizon is {num_iterations} steps; raise --num-iterations or the data ratio.")
+    num_iterations = fit_horizon(num_iterations, total_batch_size, estimate_split_tokens(tokenizer, "train", args.data_dir),
+                                 args.max_data_passes)
     total_tokens = total_batch_size * num_iterations
     print0(f"Iterations: {num_iterations:,}; total tokens: {total_tokens:,}; tokens per scaling param: "
            f"{total_tokens / n_scaling:.2f}; total FLOPs: {flops_per_token * total_tokens:e}")

@@ -10,8 +10,9 @@ import torch
 from helpers import make_tiny_base_checkpoint, make_tiny_data, run_base_train, synthetic_texts, tiny_train_args
 
 from nanochat import common
-from nanochat.dataloader import split_batches
+from nanochat.dataloader import estimate_split_tokens, split_batches
 from nanochat.tokenizer import get_tokenizer
+from scripts.base_train import fit_horizon
 
 SEQ = 64
 
@@ -167,3 +168,39 @@ def test_item1_sft_offline_without_task_data_holds_out_identity(tmp_path, monkey
     assert summary["conversations"] == 2 * 18 + 200000 + 80000  # the 2 held-out conversations are not trained on
     assert summary["final_val_bpb"] is not None and summary["steps"] == 2
     assert "validating on the last 2 of the 20 identity conversations" in out.getvalue()
+
+
+# -----------------------------------------------------------------------------
+# item 3: a horizon that fits the data
+
+
+def test_item3_estimate_of_the_training_tokens_is_close():
+    base = os.environ["NANOCHAT_BASE_DIR"]
+    data_dir = make_tiny_data(base)
+    tok = get_tokenizer(os.path.join(base, "tokenizer"))
+    texts = synthetic_texts(400, seed=0)  # make_tiny_data's documents; the last 32 are the val split
+    exact = {split: sum(len(t) for t in tok.encode(docs, prepend=tok.get_bos_token_id()))
+             for split, docs in (("train", texts[:-32]), ("val", texts[-32:]))}
+    for split in ("train", "val"):  # bound: within 3% (bytes per token of a 256-document sample)
+        assert abs(estimate_split_tokens(tok, split, data_dir) - exact[split]) <= 0.03 * exact[split]
+
+
+def test_item3_horizon_over_two_passes_is_said_up_front_and_can_be_fitted(capsys):
+    assert fit_horizon(100, 1000, 200_000) == 100  # half a pass: nothing to say
+    assert capsys.readouterr().out == ""
+    assert fit_horizon(1200, 4096, 500_000) == 1200  # the run: ~10 passes, said with the numbers
+    out = capsys.readouterr().out
+    assert "4,915,200 tokens" in out and "about 500,000" in out and "9.8 passes" in out and "to about 244" in out
+    assert fit_horizon(1200, 4096, 500_000, max_passes=2) == 244  # 2 x 500,000 // 4096
+    out = capsys.readouterr().out
+    assert "shortened to 244 steps" in out and "warning" not in out
+
+
+def test_item3_base_train_max_data_passes_shortens_the_run():
+    base = os.environ["NANOCHAT_BASE_DIR"]
+    data_dir = make_tiny_data(base)
+    tok = get_tokenizer(os.path.join(base, "tokenizer"))
+    expected = int(0.02 * estimate_split_tokens(tok, "train", data_dir) // (2 * SEQ))
+    assert 3 <= expected <= 10
+    out = run_base_train(base, tiny_train_args(data_dir, steps=1000, seq_len=SEQ, extra=["--max-data-passes=0.02"]))
+    assert json.loads(out.strip().splitlines()[-1])["base_train"]["steps"] == expected
