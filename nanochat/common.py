@@ -223,7 +223,11 @@ def compute_init(device_type=""):
 
 
 def compute_cleanup():
+    """Leave the process group. Every rank first meets the others at a barrier: a rank that tears
+    its connections down while a peer is still sending to it (rank 0 done first, the others
+    finishing a save) makes gloo raise in that peer's I/O thread, which aborts it (SIGABRT)."""
     if is_ddp_initialized():
+        dist.barrier()
         dist.destroy_process_group()
 
 

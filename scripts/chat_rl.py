@@ -26,6 +26,7 @@ import time  # noqa: E402
 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
+from tqdm import tqdm  # noqa: E402
 
 from nanochat.checkpoint import (  # noqa: E402
     append_log,
@@ -161,7 +162,7 @@ def evaluate_pass_at_k(engine, tokenizer, task, num_examples, k, max_new_tokens,
     across them): the fraction of problems where any of the first j samples is correct."""
     rank, world = dist_rank_world()
     counts = torch.zeros(k + 1, dtype=torch.float64, device=device)  # [problems, pass@1, ..., pass@k]
-    for idx in range(rank, min(num_examples, len(task)), world):
+    for idx in tqdm(range(rank, min(num_examples, len(task)), world), desc="pass@k", leave=False, disable=rank != 0):
         conversation = task[idx]
         prompt = tokenizer.render_for_completion(conversation)
         seqs, _ = engine.generate_batch(prompt, num_samples=k, max_tokens=max_new_tokens, temperature=temperature,
@@ -323,7 +324,7 @@ def train(args, train_task=None, val_task=None):
         sync()
         t0 = time.time()
         reward_sum, generated, trained = 0.0, 0, 0
-        for i in range(examples_per_rank):
+        for i in tqdm(range(examples_per_rank), desc=f"step {step} rollouts", leave=False, disable=not master):
             idx = example_index(step, i, examples_per_rank, rank, world_size, num_train)
             model.eval()
             prompt_len, seqs, masks, rewards = rollout(engine, tokenizer, train_task, idx, step, args.num_samples,
