@@ -102,12 +102,17 @@ def check_words(task_dir, data_dir, is_online):
     return "note", "no spelling word list offline: the spelling tasks are skipped."
 
 
-def check_device_dtype():
+def check_device_dtype(gpus=0):
     import torch
 
     from nanochat.common import COMPUTE_DTYPE, autodetect_device_type  # importing checks NANOCHAT_DTYPE
 
     device = autodetect_device_type()
+    visible = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if gpus > visible:
+        return "error", (f"this run launches {gpus} processes, one per GPU, but {visible} CUDA GPU(s) are visible; "
+                         f"set NPROC={visible}" + (" (and expect a long run)." if visible else
+                                                   ", or use runs/runcpu.sh on a machine without GPUs."))
     threads = f", {torch.get_num_threads()} threads" if device == "cpu" else ""
     return "ok", f"device {device}{threads}, compute dtype {str(COMPUTE_DTYPE).removeprefix('torch.')}"
 
@@ -118,12 +123,13 @@ def main(argv=None):
     p.add_argument("--bundle-dir", default=os.environ.get("NANOCHAT_EVAL_BUNDLE"), help="unzipped CORE eval bundle")
     p.add_argument("--task-data-dir", default=os.environ.get("NANOCHAT_TASK_DATA_DIR"), help="local task data")
     p.add_argument("--min-free-gb", type=float, default=2.0, help="free disk space the run needs in the base dir")
+    p.add_argument("--gpus", type=int, default=0, help="CUDA GPUs the run needs (0: any device)")
     p.add_argument("--host", default="huggingface.co", help="whose reachability means 'online'")
     args = p.parse_args(argv)
     is_online = online(args.host)
     checks = [
         ("disk", lambda: check_disk(get_base_dir(), args.min_free_gb)),
-        ("device", check_device_dtype),
+        ("device", lambda: check_device_dtype(args.gpus)),
         ("data", lambda: check_data(args.data_dir, is_online)),
         ("bundle", lambda: check_bundle(args.bundle_dir, is_online)),
         ("tasks", lambda: check_task_data(args.task_data_dir, is_online)),

@@ -543,7 +543,7 @@ def train(args):
     # data
     train_data, val_data, description = build_mixtures(args)
     dataset_size = len(train_data)
-    print0(f"Training mixture: {description}, {dataset_size:,} conversations; validation: {len(val_data):,}")
+    print0(f"Mixture: {description}; {dataset_size:,} training and {len(val_data):,} validation conversations")
     train_loader = SFTLoader(train_data, tokenizer, device_batch_size, max_seq_len, rank, world_size, device,
                              state=loader_state)
 
@@ -706,7 +706,7 @@ def train(args):
     print0(f"Total training time: {total_training_time / 60:.2f}m")
     print0(f"Minimum validation bpb: {min_val_bpb:.6f}")
     summary = {"model_tag": model_tag, "base_step": base_step, "output_tag": output_tag, "steps": step,
-               "mixture": description, "conversations": dataset_size, "training_time_s": total_training_time,
+               "components": description, "conversations": dataset_size, "training_time_s": total_training_time,
                "initial_val_bpb": initial_val_bpb, "min_val_bpb": min_val_bpb if math.isfinite(min_val_bpb) else None,
                "final_val_bpb": val_bpb, "chatcore": chatcore_value, "checkpoint_dir": checkpoint_dir}
     if master:

@@ -176,7 +176,7 @@ def test_item1_sft_offline_without_task_data_holds_out_identity(tmp_path, monkey
         summary = chat_sft.main([f"--model-tag={info['model_tag']}", "--num-iterations=2", "--device-batch-size=4",
                                  f"--total-batch-size={4 * SEQ}", "--eval-every=1", "--chatcore-every=-1",
                                  "--compile=0", "--peak-flops=1e12", "--device-type=cpu", "--output-tag=item1"])
-    assert summary["mixture"] == ("train: identity conversations x2, SimpleSpelling 200K, SpellingBee 80K; "
+    assert summary["components"] == ("train: identity conversations x2, SimpleSpelling 200K, SpellingBee 80K; "
                                   "validation: identity conversations[18:] (held out)")
     assert summary["conversations"] == 2 * 18 + 200000 + 80000  # the 2 held-out conversations are not trained on
     assert summary["final_val_bpb"] is not None and summary["steps"] == 2
