@@ -313,6 +313,15 @@ def atomic_path(path):
         raise
 
 
+def check_free_space(path, need_bytes, what):
+    """NanochatError now, rather than a failed write hours from now, when the disk holding `path`
+    has less than `need_bytes` free for `what`."""
+    free = shutil.disk_usage(path).free
+    if free < need_bytes:
+        raise NanochatError(f"only {free / 1e9:.2f} GB free under {path} but {what} needs about {need_bytes / 1e9:.2f} GB; "
+                            f"free some space or point NANOCHAT_BASE_DIR at a larger disk.")
+
+
 def is_url(source):
     return urllib.parse.urlparse(str(source)).scheme in ("http", "https", "file")
 

@@ -38,8 +38,10 @@ from nanochat.common import (  # noqa: E402
     COMPUTE_DTYPE,
     NanochatError,
     StopRequest,
+    check_free_space,
     compute_cleanup,
     compute_init,
+    get_base_dir,
     init_wandb,
     mfu_denominator,
     mfu_percent,
@@ -254,6 +256,8 @@ def train(args):
     # resume
     model_tag = args.model_tag or f"d{args.depth}"
     checkpoint_dir = os.path.join(get_checkpoints_root("base"), model_tag)
+    # a checkpoint is the fp32 weights plus about twice that in optimizer state
+    check_free_space(get_base_dir(), 12 * counts["total"] * max(1, args.keep_last), "a checkpoint of this model")
     log_path = os.path.join(checkpoint_dir, "train_log.jsonl")
     step, loop_state, loader_state, extra, optim_data = 0, {}, None, None, None
     if args.resume_from_step is not None:

@@ -48,6 +48,7 @@ from nanochat.common import (  # noqa: E402
     COMPUTE_DTYPE,
     NanochatError,
     StopRequest,
+    check_free_space,
     compute_cleanup,
     compute_init,
     get_base_dir,
@@ -111,7 +112,9 @@ def parse_args(argv=None):
     p.add_argument("--save-every", type=int, default=-1, help="checkpoint cadence in steps (-1: only at the end)")
     p.add_argument("--keep-last", type=int, default=-1, help="keep only the last K checkpoints (-1: all)")
     # ours
-    p.add_argument("--compile", type=int, default=1, help="torch.compile the model (1) or not (0)")
+    p.add_argument("--compile", type=int, default=-1,
+                   help="torch.compile the model (1) or not (0); -1: on CUDA only (on a CPU compiling takes "
+                        "minutes, longer than a short finetune gains from it)")
     p.add_argument("--peak-flops", type=float, default=-1.0, help="device peak FLOP/s for MFU (default: GPU table, measured on CPU)")
     return p.parse_args(argv)
 
@@ -508,6 +511,8 @@ def train(args):
 
     # resume this SFT run
     checkpoint_dir = os.path.join(get_checkpoints_root("sft"), output_tag)
+    n_params = sum(p.numel() for p in model.parameters())  # fp32 weights and about twice that in optimizer state
+    check_free_space(get_base_dir(), 12 * n_params * max(1, args.keep_last), "a checkpoint of this model")
     log_path = os.path.join(checkpoint_dir, "train_log.jsonl")
     step, loop_state, loader_state = 0, {}, None
     if args.resume_from_step is not None:
@@ -537,7 +542,7 @@ def train(args):
         print0(f"Resumed from step {step} of {checkpoint_dir}")
 
     orig_model = model
-    if args.compile:
+    if args.compile == 1 or (args.compile < 0 and device.type == "cuda"):
         model = torch.compile(model, dynamic=False)
 
     # data

@@ -313,3 +313,50 @@ def test_item9_two_nodes_train_checkpoint_and_resume_like_one_two_process_run():
     assert len(one) == len(two) == 2
     for (s1, a), (s2, b) in zip(one, two):
         assert s1 == s2 and b == pytest.approx(a, rel=1e-5, abs=0), (s1, a, b)
+
+
+# -----------------------------------------------------------------------------
+# item 1: the preflight finds in seconds what would stop a pipeline hours in
+
+
+def _preflight(monkeypatch, argv, is_online=False):
+    from nanochat import preflight
+
+    monkeypatch.setattr(preflight, "online", lambda host, timeout=5: is_online)
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        try:
+            preflight.main(argv)
+            error = None
+        except common.NanochatError as e:
+            error = str(e)
+    return out.getvalue(), error
+
+
+def test_item1_preflight_offline_without_data_is_one_error_with_the_fix(monkeypatch):
+    monkeypatch.delenv("NANOCHAT_DATA_DIR", raising=False)
+    out, error = _preflight(monkeypatch, ["--task-data-dir="])
+    assert error is not None and "set NANOCHAT_DATA_DIR" in error and "--from-text" in error
+    assert "preflight (offline)" in out
+    # without task data: a note of what SFT will do instead, not an error
+    assert "validates on a held-out slice of the identity conversations" in out
+
+
+def test_item1_preflight_names_every_problem(monkeypatch, tmp_path):
+    base = os.environ["NANOCHAT_BASE_DIR"]
+    data_dir = make_tiny_data(base)
+    out, error = _preflight(monkeypatch, [f"--data-dir={data_dir}", "--task-data-dir=", "--bundle-dir="])
+    assert error is None and "ok    data   pretraining shards: 3 files" in out
+    assert "CORE is skipped" in out and "made from the words of your shards" in out
+    bad_bundle, no_tasks = tmp_path / "bundle", tmp_path / "nowhere"
+    bad_bundle.mkdir()
+    out, error = _preflight(monkeypatch, [f"--data-dir={data_dir}", f"--bundle-dir={bad_bundle}",
+                                          f"--task-data-dir={no_tasks}", "--min-free-gb=1e9", "--gpus=64"])
+    assert error.startswith("4 problems")  # disk, GPUs, bundle, task data dir (the word list is only a note)
+    for fix in ("point NANOCHAT_BASE_DIR at a larger disk", "set NPROC=", "no core.yaml", f"NANOCHAT_TASK_DATA_DIR={no_tasks}"):
+        assert fix in error, fix
+    one_shard = tmp_path / "one"
+    one_shard.mkdir()
+    os.link(os.path.join(data_dir, "shard_00000.parquet"), one_shard / "shard_00000.parquet")
+    _, error = _preflight(monkeypatch, [f"--data-dir={one_shard}", "--task-data-dir=", "--bundle-dir="])
+    assert "at least 2 are needed" in error
