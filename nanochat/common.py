@@ -422,6 +422,27 @@ def measure_matmul_flops(device, dtype=torch.float32, size=1024, seconds=0.3, tr
 COMPUTE_DTYPE = _detect_compute_dtype()  # here: the check of a CPU half dtype measures with the function above
 
 
+def fit_horizon(num_iterations, total_batch_size, data_tokens, max_passes=0, warn_passes=2.0):
+    """The horizon, shortened to `max_passes` passes over `data_tokens` when that is set (> 0).
+    A run that would still see its data more than `warn_passes` times is told so, with the
+    numbers: a small model memorizes repeated text (its train loss falls, its val loss rises)."""
+    if data_tokens <= 0:
+        return num_iterations
+    passes = num_iterations * total_batch_size / data_tokens
+    if max_passes > 0 and passes > max_passes:
+        fitted = max(1, int(max_passes * data_tokens // total_batch_size))
+        print0(f"Horizon: {num_iterations:,} steps x {total_batch_size:,} tokens would pass over the ~{data_tokens:,} "
+               f"training tokens {passes:.1f} times; shortened to {fitted:,} steps ({max_passes:g} passes, "
+               f"--max-data-passes)")
+        num_iterations, passes = fitted, fitted * total_batch_size / data_tokens
+    if passes > warn_passes:
+        print0(f"warning: this run trains on {num_iterations * total_batch_size:,} tokens but the training data holds "
+               f"about {data_tokens:,}: {passes:.1f} passes over it. Repeated data is memorized (the val loss stops "
+               f"falling, then rises); add data, or lower --num-iterations to about "
+               f"{max(1, int(warn_passes * data_tokens // total_batch_size)):,} ({warn_passes:g} passes).")
+    return num_iterations
+
+
 class StopRequest:
     """SIGTERM/SIGINT ask the loop to checkpoint at the end of the current step and exit."""
 

@@ -41,6 +41,7 @@ from nanochat.common import (  # noqa: E402
     check_free_space,
     compute_cleanup,
     compute_init,
+    fit_horizon,
     get_base_dir,
     init_wandb,
     mfu_denominator,
@@ -133,27 +134,6 @@ def scaling_params(config):
     with torch.device("meta"):
         counts = GPT(config).num_scaling_params()
     return counts["transformer_matrices"] + counts["lm_head"]
-
-
-def fit_horizon(num_iterations, total_batch_size, data_tokens, max_passes=0, warn_passes=2.0):
-    """The horizon, shortened to `max_passes` passes over `data_tokens` when that is set (> 0).
-    A run that would still see its data more than `warn_passes` times is told so, with the
-    numbers: a small model memorizes repeated text (its train loss falls, its val loss rises)."""
-    if data_tokens <= 0:
-        return num_iterations
-    passes = num_iterations * total_batch_size / data_tokens
-    if max_passes > 0 and passes > max_passes:
-        fitted = max(1, int(max_passes * data_tokens // total_batch_size))
-        print0(f"Horizon: {num_iterations:,} steps x {total_batch_size:,} tokens would pass over the ~{data_tokens:,} "
-               f"training tokens {passes:.1f} times; shortened to {fitted:,} steps ({max_passes:g} passes, "
-               f"--max-data-passes)")
-        num_iterations, passes = fitted, fitted * total_batch_size / data_tokens
-    if passes > warn_passes:
-        print0(f"warning: this run trains on {num_iterations * total_batch_size:,} tokens but the training data holds "
-               f"about {data_tokens:,}: {passes:.1f} passes over it. Repeated data is memorized (the val loss stops "
-               f"falling, then rises); add data, or lower --num-iterations to about "
-               f"{max(1, int(warn_passes * data_tokens // total_batch_size)):,} ({warn_passes:g} passes).")
-    return num_iterations
 
 
 def finite_or_none(x):

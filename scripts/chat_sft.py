@@ -51,6 +51,7 @@ from nanochat.common import (  # noqa: E402
     check_free_space,
     compute_cleanup,
     compute_init,
+    fit_horizon,
     get_base_dir,
     init_wandb,
     mfu_denominator,
@@ -556,6 +557,10 @@ def train(args):
         loader = SFTLoader(val_data, tokenizer, device_batch_size, max_seq_len, rank, world_size, device)
         return one_pass(loader, lambda state: state["consumed"] >= len(val_data))
 
+    if args.num_iterations > 0:  # a fixed horizon may cycle a small mixture: say so up front, with the numbers
+        sample = range(0, dataset_size, max(1, dataset_size // 200))
+        mean = sum(len(train_loader._render(i)[0]) for i in sample) / len(sample)
+        fit_horizon(args.num_iterations, total_batch_size, int(mean * dataset_size))
     x, y, next_loader_state = next(train_loader)
     trained_loader_state = loader_state  # the position after the last batch trained on
 

@@ -23,9 +23,9 @@ from helpers import (
 )
 
 from nanochat import common
+from nanochat.common import fit_horizon
 from nanochat.dataloader import estimate_split_tokens, split_batches
 from nanochat.tokenizer import get_tokenizer
-from scripts.base_train import fit_horizon
 
 SEQ = 64
 
@@ -207,6 +207,24 @@ def test_item3_horizon_over_two_passes_is_said_up_front_and_can_be_fitted(capsys
     assert fit_horizon(1200, 4096, 500_000, max_passes=2) == 244  # 2 x 500,000 // 4096
     out = capsys.readouterr().out
     assert "shortened to 244 steps" in out and "warning" not in out
+
+
+def test_item3_sft_with_a_fixed_horizon_over_a_small_mixture_says_so(tmp_path):
+    from scripts import chat_sft
+
+    base = os.environ["NANOCHAT_BASE_DIR"]
+    info = make_tiny_base_checkpoint(base, seq_len=SEQ)
+    chats = _write_chats(tmp_path / "few.jsonl", 10, seed=4)  # ~50 tokens each: ~500 tokens in all
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        chat_sft.main([f"--model-tag={info['model_tag']}", f"--mixture={chats}", "--num-iterations=8",
+                       "--device-batch-size=4", f"--total-batch-size={4 * SEQ}", "--eval-every=-1",
+                       "--chatcore-every=-1", "--compile=0", "--peak-flops=1e12", "--device-type=cpu",
+                       "--output-tag=item3"])
+    line = next(ln for ln in out.getvalue().splitlines() if ln.startswith("warning: this run trains on"))
+    passes = float(re.search(r"([0-9.]+) passes over it", line).group(1))
+    assert f"trains on {8 * 4 * SEQ:,} tokens" in line and 2 < passes < 10, line
+    print(line)
 
 
 def test_item3_base_train_max_data_passes_shortens_the_run():
