@@ -224,7 +224,6 @@ def test_item3_sft_with_a_fixed_horizon_over_a_small_mixture_says_so(tmp_path):
     line = next(ln for ln in out.getvalue().splitlines() if ln.startswith("warning: this run trains on"))
     passes = float(re.search(r"([0-9.]+) passes over it", line).group(1))
     assert f"trains on {8 * 4 * SEQ:,} tokens" in line and 2 < passes < 10, line
-    print(line)
 
 
 def test_item3_base_train_max_data_passes_shortens_the_run():
