@@ -6,6 +6,7 @@ import gc
 import gzip
 import json
 import logging
+import math
 import os
 import re
 import shutil
@@ -111,18 +112,40 @@ _DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.
 
 def _detect_compute_dtype():
     """bf16 on SM80+ GPUs, fp32 elsewhere; NANOCHAT_DTYPE overrides (SPEC §12.3).
-    fp16 is opt-in only (it needs a GradScaler); bf16 on CPU is worth measuring on AVX512-BF16."""
+    fp16 is opt-in only (it needs a GradScaler). A half dtype asked for on a machine whose only
+    device is the CPU is checked first (see check_cpu_half_dtype)."""
     env = os.environ.get("NANOCHAT_DTYPE")
     if env:
         if env not in _DTYPES:
             raise NanochatError(f"NANOCHAT_DTYPE={env!r} is not a dtype nanochat knows; use bfloat16, float16 or float32.")
-        return _DTYPES[env]
+        dtype = _DTYPES[env]
+        if dtype != torch.float32 and autodetect_device_type() == "cpu":
+            force = os.environ.get("NANOCHAT_FORCE_DTYPE", "0") not in ("", "0") or "--force-dtype" in sys.argv
+            dtype = check_cpu_half_dtype(dtype, lambda d: measure_matmul_flops("cpu", d, size=256, seconds=0.1, trials=2),
+                                         force)
+        return dtype
     if torch.cuda.is_available() and torch.cuda.get_device_capability() >= (8, 0):
         return torch.bfloat16
     return torch.float32
 
 
-COMPUTE_DTYPE = _detect_compute_dtype()
+def check_cpu_half_dtype(dtype, measure, force=False):
+    """The dtype to train in when `dtype` (bf16 or fp16) is asked for on a CPU. A CPU without
+    native half-precision matmuls emulates them, often 100x slower than fp32: when `measure(dtype)`
+    (FLOP/s) is under half of `measure(torch.float32)`, warn with the figures and return float32,
+    unless `force` keeps the dtype asked for."""
+    half, full = measure(dtype), measure(torch.float32)
+    if half >= full / 2:
+        return dtype
+    name = str(dtype).removeprefix("torch.")
+    figures = (f"{name} matmuls run at {half / 1e9:.1f} GFLOP/s on this CPU against {full / 1e9:.1f} GFLOP/s in "
+               f"float32 ({full / max(half, 1.0):.0f}x slower: no native {name} support)")
+    if force:
+        logger.warning(f"{figures}; keeping {name} as --force-dtype / NANOCHAT_FORCE_DTYPE asks.")
+        return dtype
+    logger.warning(f"{figures}; training in float32 instead (pass --force-dtype or set NANOCHAT_FORCE_DTYPE=1 "
+                   f"to keep {name}).")
+    return torch.float32
 
 
 # -----------------------------------------------------------------------------
@@ -202,7 +225,11 @@ def compute_init(device_type=""):
 
 
 def compute_cleanup():
+    """Leave the process group. Every rank first meets the others at a barrier: a rank that tears
+    its connections down while a peer is still sending to it (rank 0 done first, the others
+    finishing a save) makes gloo raise in that peer's I/O thread, which aborts it (SIGABRT)."""
     if is_ddp_initialized():
+        dist.barrier()
         dist.destroy_process_group()
 
 
@@ -306,6 +333,15 @@ def atomic_path(path):
         raise
 
 
+def check_free_space(path, need_bytes, what):
+    """NanochatError now, rather than a failed write hours from now, when the disk holding `path`
+    has less than `need_bytes` free for `what`."""
+    free = shutil.disk_usage(path).free
+    if free < need_bytes:
+        raise NanochatError(f"only {free / 1e9:.2f} GB free under {path} but {what} needs about {need_bytes / 1e9:.2f} GB; "
+                            f"free some space or point NANOCHAT_BASE_DIR at a larger disk.")
+
+
 def is_url(source):
     return urllib.parse.urlparse(str(source)).scheme in ("http", "https", "file")
 
@@ -403,6 +439,30 @@ def measure_matmul_flops(device, dtype=torch.float32, size=1024, seconds=0.3, tr
     return best
 
 
+COMPUTE_DTYPE = _detect_compute_dtype()  # here: the check of a CPU half dtype measures with the function above
+
+
+def fit_horizon(num_iterations, total_batch_size, data_tokens, max_passes=0, warn_passes=2.0):
+    """The horizon, shortened to `max_passes` passes over `data_tokens` when that is set (> 0).
+    A run that would still see its data more than `warn_passes` times is told so, with the
+    numbers: a small model memorizes repeated text (its train loss falls, its val loss rises)."""
+    if data_tokens <= 0:
+        return num_iterations
+    passes = num_iterations * total_batch_size / data_tokens
+    if max_passes > 0 and passes > max_passes:
+        fitted = max(1, int(max_passes * data_tokens // total_batch_size))
+        print0(f"Horizon: {num_iterations:,} steps x {total_batch_size:,} tokens would pass over the ~{data_tokens:,} "
+               f"training tokens {passes:.1f} times; shortened to {fitted:,} steps ({max_passes:g} passes, "
+               f"--max-data-passes)")
+        num_iterations, passes = fitted, fitted * total_batch_size / data_tokens
+    if passes > warn_passes:
+        print0(f"warning: this run trains on {num_iterations * total_batch_size:,} tokens but the training data holds "
+               f"about {data_tokens:,}: {passes:.1f} passes over it. Repeated data is memorized (the val loss stops "
+               f"falling, then rises); add data, or lower --num-iterations to about "
+               f"{max(1, int(warn_passes * data_tokens // total_batch_size)):,} ({warn_passes:g} passes).")
+    return num_iterations
+
+
 class StopRequest:
     """SIGTERM/SIGINT ask the loop to checkpoint at the end of the current step and exit."""
 
@@ -459,14 +519,60 @@ def init_wandb(run, master, project, config):
     return wandb.init(project=project, name=run, config=config)
 
 
+def _machine_key(device, dtype):
+    """What a measured matmul rate belongs to: this host, its processor, threads, torch and dtype."""
+    import platform
+
+    cpu = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError):
+        with open("/proc/cpuinfo") as f:
+            cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu)
+    return f"{platform.node()}|{cpu}|{device.type}|{torch.get_num_threads()} threads|torch {torch.__version__}|{dtype}"
+
+
 def mfu_denominator(device, override=0.0, dtype=None):
     """Peak FLOP/s for MFU: --peak-flops when given; the GPU table (inf = unknown, shown as n/a);
-    on CPU/MPS the matmul rate measured once on this machine."""
+    on CPU/MPS the best matmul rate ever measured on this machine. One measurement taken while
+    something else runs comes out low and would inflate MFU, so each run measures again and the
+    best so far is kept per machine in base_dir/matmul_peak.json."""
+    import json
+
     if override > 0:
         return override
     if device.type == "cuda":
         return get_peak_flops(torch.cuda.get_device_name(device))
     dtype = dtype or COMPUTE_DTYPE
     rate = measure_matmul_flops(device, dtype)
-    print0(f"Measured {device.type} matmul rate ({dtype}): {rate / 1e9:.1f} GFLOP/s (the MFU denominator)")
-    return rate
+    path, key = os.path.join(get_base_dir(), "matmul_peak.json"), _machine_key(device, dtype)
+    cache = {}
+    with contextlib.suppress(OSError, ValueError):
+        with open(path) as f:
+            cache = json.load(f)
+    best = max(rate, float(cache.get(key, 0.0)))
+    if best > cache.get(key, 0.0) and int(os.environ.get("RANK", 0)) == 0:
+        cache[key] = best
+        with contextlib.suppress(OSError), atomic_path(path) as tmp, open(tmp, "w") as f:
+            json.dump(cache, f, indent=1)
+    print0(f"Measured {device.type} matmul rate ({dtype}): {rate / 1e9:.1f} GFLOP/s now, {best / 1e9:.1f} GFLOP/s "
+           f"the best on this machine (the MFU denominator)")
+    return best
+
+
+_mfu_clamp_noted = False
+
+
+def mfu_percent(flops_per_sec, peak_flops):
+    """Model FLOPs utilization in percent, None when the peak is unknown. Never above 100: a higher
+    figure means the denominator was measured low (the machine was busy then); it is clamped and
+    a note says so once."""
+    global _mfu_clamp_noted
+    if not math.isfinite(peak_flops) or peak_flops <= 0:
+        return None
+    mfu = 100 * flops_per_sec / peak_flops
+    if mfu > 100:
+        if not _mfu_clamp_noted:
+            print0(f"note: MFU came out at {mfu:.0f}%, above the measured peak: the machine was busy while the peak "
+                   f"was measured; shown as 100 (pass --peak-flops to set the peak yourself)")
+            _mfu_clamp_noted = True
+        mfu = 100.0
+    return mfu

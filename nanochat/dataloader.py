@@ -101,6 +101,46 @@ def _encode_state(cursor, buffer, rank, world_size):
             "rank": rank, "world_size": world_size}
 
 
+def split_batches(tokenizer, B, T, split, limit, data_dir=None, rank=None, world_size=None, threads=4):
+    """How many (B, T) batches this rank's share of `split` fills in one pass, at most `limit`:
+    the documents are tokenized (with their BOS) until they fill `limit` batches or run out. An
+    evaluation of `limit` batches on a smaller split would cycle it; this is its one-pass budget."""
+    if rank is None or world_size is None:
+        _, rank, _, world_size = get_dist_info()
+    bos, tokens, needed = tokenizer.get_bos_token_id(), 0, limit * B * (T + 1)
+    for path in split_parquet_files(split, data_dir):
+        pf = open_parquet(path)
+        for rg_idx in range(rank, pf.num_row_groups, world_size):
+            texts = read_row_group_texts(pf, path, rg_idx)
+            tokens += sum(map(len, tokenizer.encode(texts, prepend=bos, num_threads=threads)))
+            if tokens >= needed:
+                return limit
+    return max(1, tokens // (B * (T + 1)))
+
+
+def estimate_split_tokens(tokenizer, split, data_dir=None, sample_docs=256):
+    """About how many tokens (with each document's BOS) the split holds, in a second: the text
+    bytes from the parquet footers divided by the bytes per token of a sample of its documents."""
+    paths = split_parquet_files(split, data_dir)
+    total_bytes, docs = 0, 0
+    for path in paths:
+        meta = open_parquet(path).metadata
+        for g in range(meta.num_row_groups):
+            group = meta.row_group(g)
+            names = [group.column(k).path_in_schema for k in range(group.num_columns)]
+            total_bytes += group.column(names.index("text")).total_uncompressed_size
+            docs += group.num_rows
+    if docs == 0:
+        return 0
+    total_bytes -= 4 * docs  # the footer counts each value's 4-byte length prefix (plain encoding)
+    sample = read_row_group_texts(open_parquet(paths[0]), paths[0], 0)[:sample_docs]
+    sample_bytes = sum(len(t.encode("utf-8")) for t in sample)
+    sample_tokens = sum(map(len, tokenizer.encode(sample)))
+    if sample_tokens == 0:
+        return docs
+    return int(max(total_bytes, 0) * sample_tokens / max(sample_bytes, 1)) + docs
+
+
 def _decode_state(state, paths, rank, world_size):
     """(cursor, buffer keys) to resume from; see the module docstring for the two kinds of state."""
     try:

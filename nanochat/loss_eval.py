@@ -5,15 +5,26 @@ import math
 
 import torch
 import torch.distributed as dist
+from tqdm import tqdm
+
+
+def one_pass(batches, pass_done):
+    """The (inputs, targets, state) batches of an endless loader up to and including the one
+    after which `pass_done(state)` holds: an evaluation budget never cycles a small split."""
+    for batch in batches:
+        yield batch
+        if pass_done(batch[2]):
+            return
 
 NATS_UNIT = 2.0**30  # fixed-point scale of the loss sum (see evaluate_bpb)
 
 
 @torch.no_grad()
-def evaluate_bpb(model, batches, steps, token_bytes):
-    """Sum the per-token loss (nats) and the UTF-8 bytes of the target tokens over `steps`
-    batches of (inputs, targets[, ...]) and return nats / (ln 2 * bytes), summed over ranks.
-    Special tokens have 0 bytes in token_bytes and targets < 0 are ignored: neither counts."""
+def evaluate_bpb(model, batches, steps, token_bytes, desc="val bpb"):
+    """Sum the per-token loss (nats) and the UTF-8 bytes of the target tokens over at most `steps`
+    batches of (inputs, targets[, ...]) (fewer when `batches` ends first) and return
+    nats / (ln 2 * bytes), summed over ranks. Special tokens have 0 bytes in token_bytes and
+    targets < 0 are ignored: neither counts. Rank 0 shows a progress bar."""
     device = token_bytes.device
     # The nats are summed in fixed point, int64 units of 2^-30 nats: integer sums are exact and
     # independent of order, so one process and N ranks give the same bits, and no float64 is
@@ -21,9 +32,9 @@ def evaluate_bpb(model, batches, steps, token_bytes):
     total_nats = torch.zeros((), dtype=torch.int64, device=device)
     nonfinite = torch.zeros((), dtype=torch.int64, device=device)
     total_bytes = torch.zeros((), dtype=torch.int64, device=device)
-    batch_iter = iter(batches)
-    for _ in range(steps):
-        x, y = next(batch_iter)[:2]
+    rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+    for _, batch in tqdm(zip(range(steps), batches), total=steps, desc=desc, leave=False, disable=rank != 0):
+        x, y = batch[:2]
         loss = model(x, y, loss_reduction="none").view(-1).float()
         y = y.reshape(-1)
         valid = y >= 0

@@ -8,7 +8,9 @@
 #
 # Offline, point it at local copies: NANOCHAT_DATA_DIR (parquet shards), NANOCHAT_EVAL_BUNDLE (the
 # unzipped CORE eval bundle; without it CORE is skipped), NANOCHAT_TASK_DATA_DIR (task data such as
-# gsm8k/{train,test}.jsonl; SFT and chat eval skip the tasks that are absent, with a warning).
+# gsm8k/{train,test}.jsonl; SFT and chat eval skip the tasks that are absent, with a warning; with
+# none at all SFT trains on the identity conversations and the spelling tasks, and validates on a
+# held-out tenth of the identity conversations). A preflight checks all of this in the first seconds.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export NANOCHAT_BASE_DIR="${NANOCHAT_BASE_DIR:-$HOME/.cache/nanochat}"
@@ -33,24 +35,25 @@ if [ "${NANOCHAT_QUICK:-0}" = 1 ]; then
   DEPTH=2; SEQ=128; BATCH=8; TOTAL=1024; STEPS=20; EVAL_TOKENS=8192; COMPILE=0
   CORE_PER_TASK=4; SPLIT_TOKENS=4096
   IDENTITY=200; SFT_STEPS=10
-  CHAT_PROBLEMS=2; CHAT_TOKENS=32
+  CHAT_PROBLEMS=2; CHAT_TOKENS=32; FREE_GB=0.5
 else
   VOCAB=8192; MAX_CHARS=1000000000
   DEPTH=4; SEQ=512; BATCH=8; TOTAL=4096; STEPS=1200; EVAL_TOKENS=131072; COMPILE=1
   CORE_PER_TASK=32; SPLIT_TOKENS=65536
   IDENTITY=1000; SFT_STEPS=300
-  CHAT_PROBLEMS=24; CHAT_TOKENS=256
+  CHAT_PROBLEMS=24; CHAT_TOKENS=256; FREE_GB=3
 fi
 TAG="d$DEPTH"
 DATA_FLAG=${NANOCHAT_DATA_DIR:+--data-dir=$NANOCHAT_DATA_DIR}
 
-# ---- data: local shards or a download; offline with neither, stop now with the fix ----
+# ---- preflight: every input, disk, device and dtype checked now, each problem with its fix ----
+python -m nanochat.preflight --min-free-gb=$FREE_GB
+
+# ---- data: local shards or a download ----
 if [ -z "${NANOCHAT_DATA_DIR:-}" ]; then
-  if ! online huggingface.co; then
-    echo "error: no network and no local data; set NANOCHAT_DATA_DIR to a folder of parquet shards (python -m nanochat.dataset --from-text DIR makes them from your .txt/.md/.jsonl files)." >&2
-    exit 2
-  fi
   python -m nanochat.dataset -n 2
+elif ! online raw.githubusercontent.com && [ ! -f "$NANOCHAT_BASE_DIR/words_alpha.txt" ]; then
+  python -m nanochat.tasks.spellingbee --words-from-data "$NANOCHAT_DATA_DIR"  # offline word list for the spelling tasks
 fi
 
 python -m nanochat.report reset
@@ -64,12 +67,12 @@ CORE_FLAG=""
 if [ -n "${NANOCHAT_EVAL_BUNDLE:-}" ]; then
   CORE_FLAG="--bundle-dir=$NANOCHAT_EVAL_BUNDLE"
 elif [ ! -d "$NANOCHAT_BASE_DIR/eval_bundle" ] && ! online karpathy-public.s3.us-west-2.amazonaws.com; then
-  CORE_FLAG="skip"
-  echo "note: no network and no NANOCHAT_EVAL_BUNDLE: CORE is skipped (bpb and samples still run)."
+  CORE_FLAG="skip"  # (the preflight said so)
 fi
 python -m scripts.base_train --depth=$DEPTH --head-dim=64 --window-pattern=L --max-seq-len=$SEQ \
   --device-batch-size=$BATCH --total-batch-size=$TOTAL --num-iterations=$STEPS --eval-every=$((STEPS / 4)) \
-  --eval-tokens=$EVAL_TOKENS --core-metric-every=-1 --sample-every=$STEPS --compile=$COMPILE $DATA_FLAG
+  --eval-tokens=$EVAL_TOKENS --core-metric-every=-1 --sample-every=$STEPS --compile=$COMPILE $DATA_FLAG \
+  --max-data-passes=2  # a small local corpus: fewer steps rather than memorizing it
 if [ "$CORE_FLAG" = skip ]; then EVALS="bpb,sample"; CORE_FLAG=""; else EVALS="core,bpb,sample"; fi
 python -m scripts.base_eval --eval=$EVALS --model-tag=$TAG --device-batch-size=$BATCH \
   --split-tokens=$SPLIT_TOKENS --max-per-task=$CORE_PER_TASK $CORE_FLAG $DATA_FLAG

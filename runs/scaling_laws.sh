@@ -23,6 +23,7 @@ RESULTS_DIR="$NANOCHAT_BASE_DIR/${LABEL}_results"
 RESULTS="$RESULTS_DIR/results.csv"
 FIELDS="depth,model_tag,steps,total_batch_size,total_tokens,scaling_params,total_params,flops_per_token,total_flops,min_val_bpb,final_val_bpb,training_time_s"
 mkdir -p "$RESULTS_DIR"
+python -m nanochat.preflight --min-free-gb=40 --gpus="$NPROC"  # inputs, disk, GPUs, dtype: now, not hours in
 
 [ -f "$RESULTS" ] || echo "flops_budget,$FIELDS,core_metric" > "$RESULTS"
 for flops in $FLOPS_BUDGETS; do

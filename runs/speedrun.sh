@@ -29,6 +29,8 @@ source .venv/bin/activate
 python -c "import torch" 2>/dev/null || pip install --quiet "${NANOCHAT_TORCH:-torch==2.13.0}"
 pip install --quiet -e .
 
+python -m nanochat.preflight --min-free-gb=60 --gpus="$NPROC"  # inputs, disk, GPUs, dtype: now, not hours in
+
 # stage NAME CMD...: run CMD, keeping its output in $LOG_DIR/NAME.log (and on the terminal)
 stage() {
   local name="$1"

@@ -48,6 +48,8 @@ def parse_args(argv=None):
     p.add_argument("--device-batch-size", type=int, default=32, help="bpb rows per forward")
     p.add_argument("--split-tokens", type=int, default=40 * 524288, help="bpb tokens per split")
     p.add_argument("--device-type", default="", help="cuda|cpu|mps (empty: autodetect)")
+    p.add_argument("--force-dtype", action="store_true",
+                   help="keep NANOCHAT_DTYPE even on a CPU that runs it far slower than float32")
     p.add_argument("--bundle-dir", default=None,
                    help="CORE eval bundle: unzipped directory, eval_bundle.zip or URL (default: download once)")
     p.add_argument("--core-tasks", default=None, help="comma-separated CORE task labels (default: all in the bundle)")
@@ -168,20 +170,24 @@ def run_samples(model, tokenizer):
 
 
 def run_bpb(model, tokenizer, token_bytes, args, seq_len, world_size, device):
+    from nanochat.dataloader import split_batches
     from nanochat.dataloader import tokenizing_distributed_data_loader_with_state_bos_bestfit as make_loader
     from nanochat.loss_eval import evaluate_bpb
 
     tokens_per_step = args.device_batch_size * seq_len * world_size
-    steps = args.split_tokens // tokens_per_step
-    if steps < 1:
+    budget = args.split_tokens // tokens_per_step
+    if budget < 1:
         raise NanochatError(f"--split-tokens={args.split_tokens} is less than one batch ({args.device_batch_size} x "
                             f"{seq_len} x {world_size} ranks = {tokens_per_step} tokens); raise it or lower "
                             f"--device-batch-size.")
     out = {}
     for split in ("train", "val"):
+        # at most one pass over the split, whatever --split-tokens asks
+        steps = split_batches(tokenizer, args.device_batch_size, seq_len, split, budget, args.data_dir)
         loader = make_loader(tokenizer, args.device_batch_size, seq_len, split, device=device, data_dir=args.data_dir)
-        out[split] = evaluate_bpb(model, loader, steps, token_bytes)
-        print0(f"{split} bpb: {out[split]:.6f} ({steps} batches, {steps * tokens_per_step:,} tokens)")
+        out[split] = evaluate_bpb(model, loader, steps, token_bytes, desc=f"{split} bpb")
+        print0(f"{split} bpb: {out[split]:.6f} ({steps} batches, {steps * tokens_per_step:,} tokens"
+               f"{'; the whole split' if steps < budget else ''})")
     return out
 
 

@@ -38,14 +38,19 @@ from nanochat.common import (  # noqa: E402
     COMPUTE_DTYPE,
     NanochatError,
     StopRequest,
+    check_free_space,
     compute_cleanup,
     compute_init,
+    fit_horizon,
+    get_base_dir,
     init_wandb,
     mfu_denominator,
+    mfu_percent,
     print0,
     run_main,
     training_session,
 )
+from nanochat.dataloader import estimate_split_tokens, split_batches  # noqa: E402
 from nanochat.dataloader import tokenizing_distributed_data_loader_with_state_bos_bestfit as make_loader  # noqa: E402
 from nanochat.dataset import open_parquet, split_parquet_files  # noqa: E402
 from nanochat.gpt import GPT, GPTConfig  # noqa: E402
@@ -78,6 +83,8 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--run", default="dummy", help="wandb run name ('dummy' disables wandb)")
     p.add_argument("--device-type", default="", help="cuda|cpu|mps (empty: autodetect)")
+    p.add_argument("--force-dtype", action="store_true",
+                   help="keep NANOCHAT_DTYPE even on a CPU that runs it far slower than float32")
     p.add_argument("--fp8", action="store_true", help="FP8 training (CUDA only)")
     p.add_argument("--fp8-recipe", default="tensorwise", choices=["rowwise", "tensorwise"])
     # model
@@ -90,6 +97,8 @@ def parse_args(argv=None):
     p.add_argument("--num-iterations", type=int, default=-1)
     p.add_argument("--target-flops", type=float, default=-1.0)
     p.add_argument("--target-param-data-ratio", type=float, default=12, help="tokens per scaling parameter")
+    p.add_argument("--max-data-passes", type=float, default=0,
+                   help="shorten the horizon to at most this many passes over the training data (0: never shorten)")
     # batch
     p.add_argument("--device-batch-size", type=int, default=32, help="rows per rank per micro-batch")
     p.add_argument("--total-batch-size", type=int, default=-1, help="tokens per optimizer step (-1: from the depth)")
@@ -149,6 +158,11 @@ def batch_and_weight_decay(ratio, n_scaling, n_scaling_d12, total_batch_size, we
     if total_batch_size <= 0:
         total_batch_size = 2 ** round(math.log2(B_REF * (tokens / tokens_d12) ** 0.383))
     return total_batch_size, weight_decay * math.sqrt(total_batch_size / B_REF) * (tokens_d12 / tokens)
+
+
+def finite_or_none(x):
+    """A number for the summary JSON: inf/nan (no evaluation ran, nothing counted) become null."""
+    return x if x is not None and math.isfinite(x) else None
 
 
 @torch.no_grad()
@@ -224,6 +238,8 @@ def train(args):
         raise NanochatError("no horizon: set --num-iterations, --target-flops or --target-param-data-ratio.")
     if num_iterations <= 0:
         raise NanochatError(f"the horizon is {num_iterations} steps; raise --num-iterations or the data ratio.")
+    num_iterations = fit_horizon(num_iterations, total_batch_size, estimate_split_tokens(tokenizer, "train", args.data_dir),
+                                 args.max_data_passes)
     total_tokens = total_batch_size * num_iterations
     print0(f"Iterations: {num_iterations:,}; total tokens: {total_tokens:,}; tokens per scaling param: "
            f"{total_tokens / n_scaling:.2f}; total FLOPs: {flops_per_token * total_tokens:e}")
@@ -241,6 +257,8 @@ def train(args):
     # resume
     model_tag = args.model_tag or f"d{args.depth}"
     checkpoint_dir = os.path.join(get_checkpoints_root("base"), model_tag)
+    # a checkpoint is the fp32 weights plus about twice that in optimizer state
+    check_free_space(get_base_dir(), 12 * counts["total"] * max(1, args.keep_last), "a checkpoint of this model")
     log_path = os.path.join(checkpoint_dir, "train_log.jsonl")
     step, loop_state, loader_state, extra, optim_data = 0, {}, None, None, None
     if args.resume_from_step is not None:
@@ -301,6 +319,15 @@ def train(args):
         return make_loader(tokenizer, args.device_batch_size, args.max_seq_len, split="val", device=device,
                            data_dir=args.data_dir)
 
+    # evaluation budget: --eval-tokens, but never more than one pass over the validation split
+    eval_steps = max(1, args.eval_tokens // (tokens_per_micro * world_size))
+    if args.eval_every > 0:
+        one_pass = split_batches(tokenizer, args.device_batch_size, args.max_seq_len, "val", eval_steps, args.data_dir)
+        if one_pass < eval_steps:
+            print0(f"Validation: {one_pass} batches per evaluation, one pass over the val split (--eval-tokens "
+                   f"asks for {eval_steps}, which would cycle it)")
+            eval_steps = one_pass
+
     x, y, next_loader_state = next(train_loader)
     # the position after the last batch trained on: resuming from it yields the current batch again
     trained_loader_state = loader_state
@@ -323,7 +350,6 @@ def train(args):
 
         if args.eval_every > 0 and (last_step or step % args.eval_every == 0):
             model.eval()
-            eval_steps = max(1, args.eval_tokens // (tokens_per_micro * world_size))
             val_bpb = evaluate_bpb(model, build_val_loader(), eval_steps, token_bytes)
             min_val_bpb = min(min_val_bpb, val_bpb)
             print0(f"Step {step:05d} | Validation bpb: {val_bpb:.6f}")
@@ -415,7 +441,7 @@ def train(args):
         debiased = smooth_train_loss / (1 - ema_beta ** (step + 1))
         tok_per_sec = int(total_batch_size / dt)
         flops_per_sec = flops_per_token * total_batch_size / dt
-        mfu = 100 * flops_per_sec / (peak_flops * world_size) if math.isfinite(peak_flops) else None
+        mfu = mfu_percent(flops_per_sec, peak_flops * world_size)
         if step > 10:
             total_training_time += dt
         done = step + 1 - resume_step
@@ -444,15 +470,15 @@ def train(args):
     peak_mem = torch.cuda.max_memory_allocated() / 1024**2 if device.type == "cuda" else float("nan")
     print0(f"Peak memory usage: {peak_mem:.2f}MiB")
     print0(f"Total training time: {total_training_time / 60:.2f}m")
-    print0(f"Minimum validation bpb: {min_val_bpb:.6f}")
+    print0(f"Minimum validation bpb: {min_val_bpb:.6f}" if math.isfinite(min_val_bpb) else "No validation ran")
     summary = {
         "depth": args.depth, "model_tag": model_tag, "steps": num_iterations, "total_batch_size": total_batch_size,
         "total_tokens": total_tokens, "scaling_params": n_scaling, "total_params": counts["total"],
         "param_counts": counts, "flops_per_token": flops_per_token, "total_flops": flops_per_token * total_tokens,
-        "min_val_bpb": min_val_bpb, "final_val_bpb": val_bpb, "training_time_s": total_training_time,
+        "min_val_bpb": finite_or_none(min_val_bpb), "final_val_bpb": finite_or_none(val_bpb), "training_time_s": total_training_time,
         "peak_memory_mib": peak_mem if device.type == "cuda" else None, "checkpoint_dir": checkpoint_dir}
     get_report().log(section="Base model training", data=[vars(args), {k: v for k, v in summary.items() if k != "param_counts"}])
-    print0(json.dumps({"base_train": summary}))
+    print0(json.dumps({"base_train": summary}, allow_nan=False))  # strict JSON: null, never Infinity/NaN
     wandb_run.finish()
     compute_cleanup()
 

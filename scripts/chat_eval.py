@@ -38,6 +38,8 @@ def parse_args(argv=None):
     p.add_argument("-s", "--step", type=int, default=None, help="checkpoint step (default: the last)")
     p.add_argument("-x", "--max-problems", type=int, default=None, help="evaluate at most this many problems per task")
     p.add_argument("--device-type", default="", help="cuda|cpu|mps (empty: autodetect)")
+    p.add_argument("--force-dtype", action="store_true",
+                   help="keep NANOCHAT_DTYPE even on a CPU that runs it far slower than float32")
     p.add_argument("--data-dir", default=None, help="local task data (default: $NANOCHAT_TASK_DATA_DIR, else download)")
     p.add_argument("--sandbox", choices=["auto", "strict"], default=None,
                    help="strict: refuse to run model code without full isolation (default: $NANOCHAT_SANDBOX, else auto)")

@@ -22,11 +22,11 @@ os.environ.setdefault("PYTORCH_ALLOC_CONF", "expandable_segments:True")
 import argparse  # noqa: E402
 import gc  # noqa: E402
 import json  # noqa: E402
-import math  # noqa: E402
 import time  # noqa: E402
 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
+from tqdm import tqdm  # noqa: E402
 
 from nanochat.checkpoint import (  # noqa: E402
     append_log,
@@ -48,6 +48,7 @@ from nanochat.common import (  # noqa: E402
     dist_rank_world,
     init_wandb,
     mfu_denominator,
+    mfu_percent,
     print0,
     run_main,
     training_session,
@@ -60,6 +61,8 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--run", default="dummy", help="wandb run name ('dummy' disables wandb)")
     p.add_argument("--device-type", default="", help="cuda|cpu|mps (empty: autodetect)")
+    p.add_argument("--force-dtype", action="store_true",
+                   help="keep NANOCHAT_DTYPE even on a CPU that runs it far slower than float32")
     p.add_argument("-i", "--source", default="sft", choices=["base", "sft", "rl"], help="which model to start from")
     p.add_argument("--model-tag", default=None, help="model tag to start from (default: the largest d<N>)")
     p.add_argument("--model-step", type=int, default=None, help="step to start from (default: the last)")
@@ -160,7 +163,7 @@ def evaluate_pass_at_k(engine, tokenizer, task, num_examples, k, max_new_tokens,
     across them): the fraction of problems where any of the first j samples is correct."""
     rank, world = dist_rank_world()
     counts = torch.zeros(k + 1, dtype=torch.int64, device=device)  # [problems, pass@1, ..., pass@k]
-    for idx in range(rank, min(num_examples, len(task)), world):
+    for idx in tqdm(range(rank, min(num_examples, len(task)), world), desc="pass@k", leave=False, disable=rank != 0):
         conversation = task[idx]
         prompt = tokenizer.render_for_completion(conversation)
         seqs, _ = engine.generate_batch(prompt, num_samples=k, max_tokens=max_new_tokens, temperature=temperature,
@@ -323,7 +326,7 @@ def train(args, train_task=None, val_task=None):
         sync()
         t0 = time.time()
         reward_sum, generated, trained = 0.0, 0, 0
-        for i in range(examples_per_rank):
+        for i in tqdm(range(examples_per_rank), desc=f"step {step} rollouts", leave=False, disable=not master):
             idx = example_index(step, i, examples_per_rank, rank, world_size, num_train)
             model.eval()
             prompt_len, seqs, masks, rewards = rollout(engine, tokenizer, train_task, idx, step, args.num_samples,
@@ -368,7 +371,7 @@ def train(args, train_task=None, val_task=None):
         eta_min = (num_steps - step - 1) * avg_dt / 60
         tokens = stats[2].item() + stats[3].item()
         flops = flops_per_token * stats[3].item() + flops_per_token / 3 * stats[2].item()
-        mfu = 100 * flops / dt / (peak_flops * world_size) if math.isfinite(peak_flops) else None
+        mfu = mfu_percent(flops / dt, peak_flops * world_size)
         mfu_text = f"{mfu:.2f}" if mfu is not None else "n/a"
         print0(f"step {step:05d}/{num_steps:05d} ({100 * step / num_steps:.2f}%) | reward: {mean_reward:.4f} | "
                f"len: {mean_length:.1f} | lrm: {lrm:.3f} | dt: {dt * 1000:.2f}ms | tok/sec: {int(tokens / dt):,} | "

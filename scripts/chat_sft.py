@@ -22,6 +22,7 @@ import os
 os.environ.setdefault("PYTORCH_ALLOC_CONF", "expandable_segments:True")
 
 import argparse  # noqa: E402
+import contextlib  # noqa: E402
 import gc  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
@@ -47,17 +48,20 @@ from nanochat.common import (  # noqa: E402
     COMPUTE_DTYPE,
     NanochatError,
     StopRequest,
+    check_free_space,
     compute_cleanup,
     compute_init,
+    fit_horizon,
     get_base_dir,
     init_wandb,
     iter_jsonl,
     mfu_denominator,
+    mfu_percent,
     print0,
     run_main,
     training_session,
 )
-from nanochat.loss_eval import evaluate_bpb  # noqa: E402
+from nanochat.loss_eval import evaluate_bpb, one_pass  # noqa: E402
 from nanochat.optim import grad_scaler, optimizer_step, scale_loss  # noqa: E402
 from nanochat.tokenizer import check_conversation, get_token_bytes  # noqa: E402
 
@@ -73,6 +77,8 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--run", default="dummy", help="wandb run name ('dummy' disables wandb)")
     p.add_argument("--device-type", default="", help="cuda|cpu|mps (empty: autodetect)")
+    p.add_argument("--force-dtype", action="store_true",
+                   help="keep NANOCHAT_DTYPE even on a CPU that runs it far slower than float32")
     # the base model to start from
     p.add_argument("--model-tag", default=None, help="base model tag (default: the largest d<N>)")
     p.add_argument("--model-step", type=int, default=None, help="base model step (default: the last)")
@@ -109,7 +115,9 @@ def parse_args(argv=None):
     p.add_argument("--save-every", type=int, default=-1, help="checkpoint cadence in steps (-1: only at the end)")
     p.add_argument("--keep-last", type=int, default=-1, help="keep only the last K checkpoints (-1: all)")
     # ours
-    p.add_argument("--compile", type=int, default=1, help="torch.compile the model (1) or not (0)")
+    p.add_argument("--compile", type=int, default=-1,
+                   help="torch.compile the model (1) or not (0); -1: on CUDA only (on a CPU compiling takes "
+                        "minutes, longer than a short finetune gains from it)")
     p.add_argument("--peak-flops", type=float, default=-1.0, help="device peak FLOP/s for MFU (default: GPU table, measured on CPU)")
     return p.parse_args(argv)
 
@@ -152,10 +160,10 @@ class ConversationList:
 
 
 def _build_components(components, strict, TaskDataMissing):
-    """Instantiate (name, factory) pairs. A component whose data is absent is skipped with one
+    """Instantiate (name, factory) pairs; returns (tasks, names of the components that have data). A component whose data is absent is skipped with one
     warning naming it (an error with --strict-data); a name repeated for epochs warns once.
     len() forces lazy datasets to load here, not in the middle of training."""
-    tasks, missing = [], set()
+    tasks, names, missing = [], [], set()
     for name, factory in components:
         if name in missing:
             continue
@@ -175,7 +183,16 @@ def _build_components(components, strict, TaskDataMissing):
             missing.add(name)
             continue
         tasks.append(task)
-    return tasks
+        names.append(name)
+    return tasks, names
+
+
+def _counted(names):
+    """'a x2, b' for ['a', 'a', 'b']: the components that ran, in order, with their repeats."""
+    counts = dict.fromkeys(names, 0)
+    for name in names:
+        counts[name] += 1
+    return ", ".join(name if k == 1 else f"{name} x{k}" for name, k in counts.items())
 
 
 def build_mixtures(args):
@@ -197,9 +214,27 @@ def build_mixtures(args):
     from nanochat.tasks.spellingbee import SimpleSpelling, SpellingBee
 
     identity_path = args.identity_file or os.path.join(get_base_dir(), "identity_conversations.jsonl")
+    val_components = [
+        ("SmolTalk test", lambda: SmolTalk(split="test")),
+        ("MMLU test[:5200]", lambda: MMLU(subset="all", split="test", stop=5200)),
+        ("GSM8K main test[:420]", lambda: GSM8K(subset="main", split="test", stop=420)),
+    ]
+    val_tasks, val_names = _build_components(val_components, args.strict_data, TaskDataMissing)
+    # Offline without task data the identity conversations are still there (the pipeline generates
+    # them): validate on their last tenth and train on the rest, rather than stop.
+    held_out = 0
+    if not val_tasks:
+        with contextlib.suppress(TaskDataMissing):
+            n = len(CustomJSON(filepath=identity_path))
+            held_out = max(1, n // 10) if n >= 2 else 0
+        if held_out:
+            val_tasks = [CustomJSON(filepath=identity_path, start=n - held_out)]
+            val_names = [f"identity conversations[{n - held_out}:] (held out)"]
+            print0(f"note: no validation task data; validating on the last {held_out} of the {n} identity "
+                   f"conversations, held out of training")
 
     def identity():  # CustomJSON: TaskDataMissing when the file is absent, an error naming the line when malformed
-        return CustomJSON(filepath=identity_path)
+        return CustomJSON(filepath=identity_path, stop=n - held_out) if held_out else CustomJSON(filepath=identity_path)
 
     train_components = [
         ("SmolTalk train", lambda: SmolTalk(split="train")),
@@ -210,20 +245,16 @@ def build_mixtures(args):
         ("SimpleSpelling 200K", lambda: SimpleSpelling(size=200000, split="train")),
         ("SpellingBee 80K", lambda: SpellingBee(size=80000, split="train")),
     ]
-    val_components = [
-        ("SmolTalk test", lambda: SmolTalk(split="test")),
-        ("MMLU test[:5200]", lambda: MMLU(subset="all", split="test", stop=5200)),
-        ("GSM8K main test[:420]", lambda: GSM8K(subset="main", split="test", stop=420)),
-    ]
-    train_tasks = _build_components(train_components, args.strict_data, TaskDataMissing)
-    val_tasks = _build_components(val_components, args.strict_data, TaskDataMissing)
+    train_tasks, train_names = _build_components(train_components, args.strict_data, TaskDataMissing)
     if not train_tasks:
         raise NanochatError("no training data: every mixture component is missing; fetch the task data "
                             "(or point --data-dir at it), or train on your own file with --mixture=FILE.jsonl.")
     if not val_tasks:
-        raise NanochatError("no validation data: every validation component is missing; fetch the task data "
+        raise NanochatError("no validation data: every validation component is missing and there are no identity "
+                            "conversations to hold out; fetch the task data, run `python -m scripts.gen_identity`, "
                             "or use --mixture/--val-mixture.")
-    return TaskMixture(train_tasks), TaskMixture(val_tasks), f"{len(train_tasks)} task components"
+    description = f"train: {_counted(train_names)}; validation: {_counted(val_names)}"
+    return TaskMixture(train_tasks), TaskMixture(val_tasks), description
 
 
 # -----------------------------------------------------------------------------
@@ -445,6 +476,8 @@ def train(args):
 
     # resume this SFT run
     checkpoint_dir = os.path.join(get_checkpoints_root("sft"), output_tag)
+    n_params = sum(p.numel() for p in model.parameters())  # fp32 weights and about twice that in optimizer state
+    check_free_space(get_base_dir(), 12 * n_params * max(1, args.keep_last), "a checkpoint of this model")
     log_path = os.path.join(checkpoint_dir, "train_log.jsonl")
     step, loop_state, loader_state = 0, {}, None
     if args.resume_from_step is not None:
@@ -474,19 +507,24 @@ def train(args):
         print0(f"Resumed from step {step} of {checkpoint_dir}")
 
     orig_model = model
-    if args.compile:
+    if args.compile == 1 or (args.compile < 0 and device.type == "cuda"):
         model = torch.compile(model, dynamic=False)
 
     # data
     train_data, val_data, description = build_mixtures(args)
     dataset_size = len(train_data)
-    print0(f"Training mixture: {description}, {dataset_size:,} conversations; validation: {len(val_data):,}")
+    print0(f"Mixture: {description}; {dataset_size:,} training and {len(val_data):,} validation conversations")
     train_loader = SFTLoader(train_data, tokenizer, device_batch_size, max_seq_len, rank, world_size, device,
                              state=loader_state)
 
-    def build_val_loader():
-        return SFTLoader(val_data, tokenizer, device_batch_size, max_seq_len, rank, world_size, device)
+    def build_val_loader():  # at most one pass over the validation conversations, whatever --eval-tokens asks
+        loader = SFTLoader(val_data, tokenizer, device_batch_size, max_seq_len, rank, world_size, device)
+        return one_pass(loader, lambda state: state["consumed"] >= len(val_data))
 
+    if args.num_iterations > 0:  # a fixed horizon may cycle a small mixture: say so up front, with the numbers
+        sample = range(0, dataset_size, max(1, dataset_size // 200))
+        mean = sum(len(train_loader._render(i)[0]) for i in sample) / len(sample)
+        fit_horizon(args.num_iterations, total_batch_size, int(mean * dataset_size))
     x, y, next_loader_state = next(train_loader)
     trained_loader_state = loader_state  # the position after the last batch trained on
 
@@ -612,7 +650,7 @@ def train(args):
         smooth_train_loss = ema_beta * smooth_train_loss + (1 - ema_beta) * train_loss
         debiased = smooth_train_loss / (1 - ema_beta ** (step + 1))
         tok_per_sec = int(total_batch_size / dt)
-        mfu = 100 * flops_per_token * total_batch_size / dt / (peak_flops * world_size) if math.isfinite(peak_flops) else None
+        mfu = mfu_percent(flops_per_token * total_batch_size / dt, peak_flops * world_size)
         if step > 10:
             total_training_time += dt
         if step > resume_step:  # the first step of a session includes warm-up: leave it out of the ETA
@@ -646,7 +684,7 @@ def train(args):
     print0(f"Total training time: {total_training_time / 60:.2f}m")
     print0(f"Minimum validation bpb: {min_val_bpb:.6f}")
     summary = {"model_tag": model_tag, "base_step": base_step, "output_tag": output_tag, "steps": step,
-               "conversations": dataset_size, "training_time_s": total_training_time,
+               "components": description, "conversations": dataset_size, "training_time_s": total_training_time,
                "initial_val_bpb": initial_val_bpb, "min_val_bpb": min_val_bpb if math.isfinite(min_val_bpb) else None,
                "final_val_bpb": val_bpb, "chatcore": chatcore_value, "checkpoint_dir": checkpoint_dir,
                "skipped_steps": skipped_steps}

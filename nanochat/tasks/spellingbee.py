@@ -5,9 +5,10 @@ teach them to spell and to count with the tool. Examples are a pure function of 
 
 The word list, in this order: `words_path` when given; `spellingbee/words_alpha.txt` in the
 task data dir; base_dir/words_alpha.txt when already downloaded; else words_alpha.txt
-downloaded from dwyl/english-words into base_dir; when that fails (offline), /usr/share/dict/words
-if the system has one (a stand-in: a different list, so a warning says it is used). Only
-lowercase a-z words are kept."""
+downloaded from dwyl/english-words into base_dir; when that fails (offline), a stand-in with a
+warning that says so: base_dir/words_corpus.txt (the words of your own pretraining text, made by
+`python -m nanochat.tasks.spellingbee --words-from-data DIR`), else /usr/share/dict/words if the
+system has one. Only lowercase a-z words are kept."""
 
 import os
 import random
@@ -18,6 +19,7 @@ from nanochat.common import NanochatError, get_base_dir, logger
 from nanochat.tasks.common import Task, TaskDataMissing, get_task_data_dir
 from nanochat.tasks.gsm8k import grade_final_answer
 
+CORPUS_WORDS = "words_corpus.txt"  # in base_dir: words gathered from the local pretraining shards
 WORDS_URL = "https://raw.githubusercontent.com/dwyl/english-words/refs/heads/master/words_alpha.txt"
 SYSTEM_WORDS = "/usr/share/dict/words"
 TEST_SEED_OFFSET = 10_000_000  # test examples use Random(10_000_000 + index), train Random(index)
@@ -110,6 +112,11 @@ def load_words(words_path=None, data_dir=None):
     try:
         download_file(WORDS_URL, dest, desc="words_alpha.txt", attempts=2)  # offline: fail in seconds
     except NanochatError:
+        corpus_words = os.path.join(get_base_dir(), CORPUS_WORDS)
+        if os.path.isfile(corpus_words):  # offline only, like the system list below
+            logger.warning(f"spelling tasks use the words of the local pretraining text ({corpus_words}): "
+                           f"words_alpha.txt could not be downloaded (put it at {candidates[0]} to match upstream)")
+            return _read_words(corpus_words)
         if os.path.isfile(SYSTEM_WORDS):  # offline only: a different list gives different examples and scores
             logger.warning(f"spelling tasks use the system word list {SYSTEM_WORDS}: words_alpha.txt could not be "
                            f"downloaded (put it at {candidates[0]} for the usual examples and scores)")
@@ -199,3 +206,40 @@ class SimpleSpelling(Task):
 
     def evaluate(self, conversation, response):
         return int(response.strip() == conversation["messages"][-1]["content"])
+
+
+def words_from_data(data_dir, out_path, max_words=100_000, min_count=2):
+    """Write the lowercase a-z words (3 to 20 letters) that occur at least `min_count` times in
+    the parquet shards of `data_dir`, most frequent first, one per line: an offline word list."""
+    from collections import Counter
+
+    from nanochat.common import atomic_path
+    from nanochat.dataset import list_parquet_files, open_parquet, read_row_group_texts
+
+    counts = Counter()
+    for path in list_parquet_files(data_dir):
+        pf = open_parquet(path)
+        for rg_idx in range(pf.num_row_groups):
+            for text in read_row_group_texts(pf, path, rg_idx):
+                counts.update(w for w in re.findall(r"\b[a-z]{3,20}\b", text))
+    words = [w for w, k in counts.most_common(max_words) if k >= min_count]
+    if not words:
+        raise NanochatError(f"the shards in {data_dir} hold no repeated lowercase words; give a word list instead.")
+    with atomic_path(out_path) as tmp, open(tmp, "w") as f:
+        f.write("\n".join(words) + "\n")
+    return len(words)
+
+
+if __name__ == "__main__":
+    import argparse
+
+    from nanochat.common import run_main
+
+    def main():
+        p = argparse.ArgumentParser(description="Make the offline word list of the spelling tasks from local shards.")
+        p.add_argument("--words-from-data", required=True, metavar="DIR", help="folder of parquet shards")
+        args = p.parse_args()
+        out = os.path.join(get_base_dir(), CORPUS_WORDS)
+        print(f"{words_from_data(args.words_from_data, out):,} words from {args.words_from_data} -> {out}")
+
+    run_main(main)
