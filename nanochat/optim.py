@@ -463,12 +463,14 @@ def optimizer_step(optimizer, scaler):
 
 
 # -----------------------------------------------------------------------------
-# Schedules that pretraining applies to the groups each step (SPEC §3.4)
+# Schedules: the multipliers and values a loop writes into the groups before each step. The
+# three loops share these (docs/training.md, "Schedules", has each stage's settings).
 
 
 def lr_multiplier(it, num_iterations, warmup_steps, warmdown_ratio, final_lr_frac):
-    """Linear warmup over warmup_steps ((it+1)/warmup), flat at 1, then a linear warmdown over
-    the last round(warmdown_ratio * N) steps that ends at final_lr_frac."""
+    """By step (pretraining): linear warmup over warmup_steps ((it+1)/warmup, so the first step
+    already moves), flat at 1, then a linear warmdown over the last round(warmdown_ratio * N)
+    steps that ends at final_lr_frac."""
     warmdown_steps = round(warmdown_ratio * num_iterations)
     if it < warmup_steps:
         return (it + 1) / warmup_steps
@@ -478,8 +480,22 @@ def lr_multiplier(it, num_iterations, warmup_steps, warmdown_ratio, final_lr_fra
     return progress + (1 - progress) * final_lr_frac
 
 
-def muon_momentum(it, num_iterations, warmdown_ratio, warmup=400, start=0.85, peak=0.97, end=0.90):
-    """0.85 -> 0.97 over the first 400 steps, flat, then 0.97 -> 0.90 during the warmdown."""
+def lr_multiplier_by_progress(progress, warmup_ratio, warmdown_ratio, final_lr_frac):
+    """By the fraction of the run done, in [0, 1] (SFT measures it in conversations consumed,
+    since an epoch's step count is unknown up front; RL in steps): linear warmup over the first
+    warmup_ratio, flat at 1, linear over the last warmdown_ratio down to final_lr_frac."""
+    if progress < warmup_ratio:
+        return (progress + 1e-8) / warmup_ratio
+    if progress <= 1.0 - warmdown_ratio:
+        return 1.0
+    decay = min(1.0, (progress - (1.0 - warmdown_ratio)) / warmdown_ratio)
+    return (1.0 - decay) + decay * final_lr_frac
+
+
+def muon_momentum(it, num_iterations=0, warmdown_ratio=0.0, warmup=400, start=0.85, peak=0.97, end=0.90):
+    """start -> peak over the first `warmup` steps, flat, then peak -> end during the warmdown
+    (none when warmdown_ratio is 0). A low momentum early lets the fresh weights turn quickly;
+    easing it off during the warmdown lets the last, small steps settle."""
     warmdown_steps = round(warmdown_ratio * num_iterations)
     warmdown_start = num_iterations - warmdown_steps
     if it < warmup:
