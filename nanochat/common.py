@@ -1,5 +1,5 @@
 """Shared plumbing: base directory, device and precision, distributed init, printing,
-logging, clear user-facing errors, atomic writes and downloads (SPEC §12.3)."""
+logging, clear user-facing errors, atomic writes and downloads."""
 
 import contextlib
 import gzip
@@ -109,7 +109,7 @@ _DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.
 
 
 def _detect_compute_dtype():
-    """bf16 on SM80+ GPUs, fp32 elsewhere; NANOCHAT_DTYPE overrides (SPEC §12.3).
+    """bf16 on SM80+ GPUs (native bf16 matmuls), fp32 elsewhere; NANOCHAT_DTYPE overrides.
     fp16 is opt-in only (it needs a GradScaler). A half dtype asked for on a machine whose only
     device is the CPU is checked first (see check_cpu_half_dtype)."""
     env = os.environ.get("NANOCHAT_DTYPE")
