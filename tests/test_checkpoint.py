@@ -1,4 +1,4 @@
-"""nanochat/checkpoint.py (SPEC §12.2): save/load round trips with per-rank shards, finding the
+"""nanochat/checkpoint.py: save/load round trips with per-rank shards, finding the
 latest step, keep-last pruning, clear errors for damaged or mismatched checkpoints, the
 conversions inference loading does (bf16 -> fp32 on CPU, `_orig_mod.`, patched old fields),
 and loading a checkpoint written in upstream nanochat's layout with plain torch.save/json."""
@@ -292,7 +292,7 @@ def test_old_checkpoints_get_window_pattern_and_residual_scalars_patched(tokeniz
 
 
 def upstream_state_dict_names(n_layer):
-    """The parameter names of upstream nanochat's GPT (SPEC §1, §12.2), written out by hand."""
+    """The parameter names of the original nanochat's GPT, written out by hand."""
     names = ["transformer.wte.weight", "lm_head.weight", "resid_lambdas", "x0_lambdas", "smear_gate.weight",
              "smear_lambda", "backout_lambda"]
     for i in range(n_layer):
