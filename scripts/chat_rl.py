@@ -232,7 +232,7 @@ def train(args, train_task=None, val_task=None):
                       peak_flops=args.peak_flops, start_step=step, loop_state=loop_state)
     first_reward = loop_state.get("first_reward")
     last_reward, pass_at_k = loop_state.get("last_reward"), loop_state.get("pass_at_k")
-    scaler, skipped_steps = grad_scaler(device), 0  # loss scaling under fp16, as in base_train
+    scaler, skipped_steps = grad_scaler(device), 0  # loss scaling under fp16
     if master:
         os.makedirs(checkpoint_dir, exist_ok=True)
 

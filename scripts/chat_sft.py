@@ -97,7 +97,7 @@ def parse_args(argv=None):
     p.add_argument("--resume-from-step", type=int, default=None, help="resume this SFT run from a step; -1 = the latest")
     p.add_argument("--save-every", type=int, default=-1, help="checkpoint cadence in steps (-1: only at the end)")
     p.add_argument("--keep-last", type=int, default=-1, help="keep only the last K checkpoints (-1: all)")
-    # ours
+    # compute and measurement
     p.add_argument("--compile", type=int, default=-1,
                    help="torch.compile the model (1) or not (0); -1: on CUDA only (on a CPU compiling takes "
                         "minutes, longer than a short finetune gains from it)")
@@ -482,7 +482,7 @@ def train(args):
     initial_val_bpb = loop_state.get("initial_val_bpb")
     chatcore_value = loop_state.get("chatcore")
     val_bpb = None
-    scaler, skipped_steps = grad_scaler(device), 0  # loss scaling under fp16, as in base_train
+    scaler, skipped_steps = grad_scaler(device), 0  # loss scaling under fp16
     if master:
         os.makedirs(checkpoint_dir, exist_ok=True)
 

@@ -1,6 +1,6 @@
 """The GPT model (docs/model.md): shapes, causality, parameter and FLOP accounting, windows, value
 embeddings, initialization, the KV-cache path against the full forward, the fused loss, activation
-checkpointing, the reference sampler and the optimizer parameter groups."""
+checkpointing, the naive sampler and the optimizer parameter groups."""
 
 import math
 
@@ -66,7 +66,7 @@ def test_config_defaults():
         (2048, 32768, 12, 6, 6, 768, "SSSL")
 
 
-def test_state_dict_names_match_upstream():
+def test_state_dict_names_match_the_original_nanochat():
     model = build(n_layer=3, randomize=False)
     expected = {"transformer.wte.weight", "lm_head.weight", "resid_lambdas", "x0_lambdas", "smear_gate.weight",
                 "smear_lambda", "backout_lambda"}
