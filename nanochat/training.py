@@ -72,7 +72,7 @@ class Checkpointer:
         self.dir, self.stop, self.rank, self.world_size = checkpoint_dir, stop, rank, world_size
         self.device, self.ddp, self.save_every, self.keep_last = device, ddp, save_every, keep_last
         self.log_path = os.path.join(checkpoint_dir, "train_log.jsonl")
-        self.resume_step, self.stopping, self.last = 0, False, False
+        self.resume_step, self.stopping = 0, False
 
     def resume(self, from_step, model, optimizer, config, hint):
         """Load `from_step` (-1: the latest) into `model` and `optimizer` and restore the RNGs;
@@ -116,7 +116,6 @@ class Checkpointer:
     def due(self, step, last_step):
         """Whether to save at `step`: the last step, a stop request (agreed by every rank), or the
         --save-every cadence (not the step just resumed from, which is on disk already)."""
-        self.last = last_step
         self.stopping = self.stop.requested(self.device, self.ddp) and step > self.resume_step
         return last_step or self.stopping or (self.save_every > 0 and step > 0 and step % self.save_every == 0
                                               and step != self.resume_step)
@@ -130,7 +129,7 @@ class Checkpointer:
 
     def exit_if_stopping(self, step, wandb_run):
         """After a stop request's save: finish wandb, leave the process group, exit 128 + signal."""
-        if self.stopping and not self.last:
+        if self.stopping:
             print0(f"Stopped at step {step}; resume with --resume-from-step=-1")
             wandb_run.finish()
             compute_cleanup()

@@ -106,7 +106,7 @@ def parse_args(argv=None):
     p.add_argument("--core-metric-max-per-task", type=int, default=500)
     p.add_argument("--sample-every", type=int, default=2000, help="-1: off")
     p.add_argument("--bundle-dir", default=None, help="CORE eval bundle: unzipped folder, .zip or URL (default: download once)")
-    # compute and measurement
+    # data, compute and measurement
     p.add_argument("--data-dir", default=None, help="folder of parquet shards (default: NANOCHAT_DATA_DIR or the downloaded ones)")
     p.add_argument("--compile", type=int, default=1, help="torch.compile the model (1) or not (0)")
     p.add_argument("--activation-checkpointing", action="store_true", help="recompute blocks in backward: less memory, ~30%% more compute")
