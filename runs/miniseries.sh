@@ -19,7 +19,8 @@ RESULTS_DIR="$NANOCHAT_BASE_DIR/${SERIES}_miniseries_results"
 RESULTS="$RESULTS_DIR/results.csv"
 FIELDS="depth,model_tag,steps,total_batch_size,total_tokens,scaling_params,total_params,flops_per_token,total_flops,min_val_bpb,final_val_bpb,training_time_s"
 mkdir -p "$RESULTS_DIR"
-python -m nanochat.preflight --min-free-gb=120 --gpus="$NPROC"  # inputs, disk, GPUs, dtype: now, not hours in
+# inputs, disk, GPUs, dtype: now, not hours in (SKIP_PREFLIGHT=1 when you know better)
+[ "${SKIP_PREFLIGHT:-0}" = 1 ] || python -m nanochat.preflight --min-free-gb=120 --gpus="$NPROC"
 
 if [ "${SKIP_SETUP:-0}" != 1 ]; then
   python -m nanochat.dataset -n 1000

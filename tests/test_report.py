@@ -376,7 +376,8 @@ def _fake_env(tmp_path):
     (bindir / "torchrun").write_text(FAKE_TORCHRUN)
     (bindir / "torchrun").chmod(0o755)
     env = dict(os.environ, PATH=f"{bindir}{os.pathsep}{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-               FAKE_CALLS=str(tmp_path / "calls.txt"), NPROC="2", SKIP_SETUP="1", WANDB_RUN="dummy")
+               FAKE_CALLS=str(tmp_path / "calls.txt"), NPROC="2", SKIP_SETUP="1", SKIP_PREFLIGHT="1",
+               WANDB_RUN="dummy")  # a fake torchrun: no GPUs or data for the preflight to find
     return env
 
 
@@ -448,3 +449,14 @@ def test_real_base_train_output_feeds_the_scripts_and_plots():
     assert "![Base model training curves](base-curves.png)" in md
     records = R.read_train_log(Path(bd) / "base_checkpoints" / "tiny" / "train_log.jsonl")
     assert R.plot_train_log(records, "t", str(base_dir() / "t.png")) == ["Training loss", "Validation bpb"]
+
+
+@pytest.mark.parametrize("script", ["runs/miniseries.sh", "runs/scaling_laws.sh", "runs/speedrun.sh"])
+def test_gpu_scripts_stop_at_the_preflight_before_any_work(tmp_path, script):
+    env = _fake_env(tmp_path)
+    del env["SKIP_PREFLIGHT"]
+    env.update(NANOCHAT_BASE_DIR=str(tmp_path / "base"), NANOCHAT_DATA_DIR=str(tmp_path / "nowhere"))
+    out = subprocess.run(["bash", str(REPO / script)], capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 2, out.stderr
+    assert "but 0 CUDA GPU(s) are visible" in out.stderr
+    assert not (tmp_path / "calls.txt").exists()  # torchrun never started
