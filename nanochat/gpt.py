@@ -95,7 +95,7 @@ class CausalSelfAttention(nn.Module):
     def forward(self, x, ve, cos, sin, window_size, kv_cache):
         B, T, C = x.shape
         H, Hkv, D = self.n_head, self.n_kv_head, self.head_dim
-        # project; add the gated value embedding; RoPE; QK-norm; x1.2; attend; project (docs/model.md)
+        # SPEC §1.3: project; add the gated value embedding; RoPE; QK-norm; x1.2; attend; project.
         q = self.c_q(x).view(B, T, H, D)
         k = self.c_k(x).view(B, T, Hkv, D)
         v = self.c_v(x).view(B, T, Hkv, D)
