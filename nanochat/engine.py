@@ -538,8 +538,9 @@ class Engine:
         self._compiled = None
         self.batch_invariant = batch_invariant
         self.prefix_store = PrefixStore(prefix_cache_bytes) if prefix_cache_bytes else None
-        self._linears = None
+        self._params = self._linears = None
         self._weights = None  # compute-dtype copies of the matmul weights (see _refresh_weights)
+        self._decode_weights = None
         self._weight_versions = None
         special = tokenizer.encode_special
         self.bos = tokenizer.get_bos_token_id()
@@ -572,8 +573,8 @@ class Engine:
     def _decode_step(self, ids, pos, k, v, prev, kv_len):
         from nanochat.gpt import DecodeStep
 
-        step = DecodeStep(k, v, prev, pos, kv_len)
         if self.compile:
+            step = DecodeStep(k, v, prev, pos, kv_len)
             if self._compiled is None:
                 from torch import _dynamo
                 _dynamo.config.cache_size_limit = max(_dynamo.config.cache_size_limit, 64)
@@ -584,29 +585,37 @@ class Engine:
             except Exception as e:  # no compiler toolchain, an unsupported op ...: the same math, eagerly
                 warnings.warn(f"compiling the decode step failed ({type(e).__name__}: {e}); decoding eagerly", stacklevel=2)
                 self.compile = False
+                self._weight_versions = None  # remade with the eager step's DecodeWeights
+                self._refresh_weights()
+        step = DecodeStep(k, v, prev, pos, kv_len, self._decode_weights)
         return _step_fn(self.model, self._weights, ids, step)[:, -1, :]
 
     def _refresh_weights(self):
-        """Copies of the matmul weights in the compute dtype, made once and refreshed only when a
-        master changed (RL updates the model between rollouts). Without them every decode step
-        would cast every fp32 master to bf16 again: 3x the weight traffic of a memory-bound step.
-        Empty when the compute dtype is the masters' dtype (nothing to cast)."""
+        """What the decode step reads instead of the parameters, made once and remade only when a
+        parameter changed (RL updates the model between rollouts): copies of the matmul weights
+        in the compute dtype when the masters are wider (otherwise every step would cast every
+        fp32 master to bf16 again: 3x the weight traffic of a memory-bound step), and for an
+        eager step the DecodeWeights (stacked q/k/v matrices, scalars as Python floats)."""
         if self.reference_contract or not isinstance(self.model, torch.nn.Module):
             return
-        if self._linears is None:  # the masters wider than the compute dtype; the model's structure is fixed
+        from nanochat.gpt import DecodeWeights
+
+        if self._params is None:  # the model's structure is fixed; its values are not
+            self._params = list(self.model.parameters())
             self._linears = [(name + ".weight", m) for name, m in self.model.named_modules()
                              if isinstance(m, torch.nn.Linear) and m.weight.dtype != COMPUTE_DTYPE]
-        if not self._linears:
-            return
-        linears = [(name, m.weight) for name, m in self._linears]
-        versions = [(w.data_ptr(), w._version) for _, w in linears]
+        versions = [(p.data_ptr(), p._version) for p in self._params]
         if versions == self._weight_versions:
             return
-        if self._weights is not None and list(self._weights) == [n for n, _ in linears]:
-            for (name, w) in linears:
-                self._weights[name].copy_(w.detach())  # in place: CUDA graphs keep their addresses
-        else:
-            self._weights = {name: w.detach().to(COMPUTE_DTYPE) for name, w in linears}
+        if self._linears:
+            linears = [(name, m.weight) for name, m in self._linears]
+            if self._weights is not None and list(self._weights) == [n for n, _ in linears]:
+                for (name, w) in linears:
+                    self._weights[name].copy_(w.detach())  # in place: CUDA graphs keep their addresses
+            else:
+                self._weights = {name: w.detach().to(COMPUTE_DTYPE) for name, w in linears}
+        # a compiled step fuses by itself, and would recompile whenever a scalar changed
+        self._decode_weights = None if self.compile else DecodeWeights(self.model, COMPUTE_DTYPE)
         self._weight_versions = versions
 
     def _advance_tools(self, row, sampled):
