@@ -20,6 +20,7 @@ import secrets
 import threading
 import warnings
 from collections import OrderedDict, deque
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
@@ -504,6 +505,20 @@ def _step_fn(model, weights, ids, step):
     return model(ids, kv_cache=step)
 
 
+@contextmanager
+def _one_thread():
+    """Run a lone row's CPU step on one thread. Its matrix-vector products and small ops gain
+    little from a second thread, but every op then ends in a barrier where the first thread
+    spins until the second one is scheduled: on a busy machine that stalls each op (measured:
+    a lone row's step 10x slower on 2 loaded cores). The caller's setting is restored."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def _device_of(model):
     if hasattr(model, "get_device"):
         return torch.device(model.get_device())
@@ -588,6 +603,9 @@ class Engine:
                 self._weight_versions = None  # remade with the eager step's DecodeWeights
                 self._refresh_weights()
         step = DecodeStep(k, v, prev, pos, kv_len, self._decode_weights)
+        if ids.size(0) == 1 and self.device.type == "cpu":
+            with _one_thread():
+                return _step_fn(self.model, self._weights, ids, step)[:, -1, :]
         return _step_fn(self.model, self._weights, ids, step)[:, -1, :]
 
     def _refresh_weights(self):
