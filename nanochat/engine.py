@@ -390,7 +390,7 @@ class Session:
             self.v[:, slot, :start] = v
         cache = KVCache.from_tensors(self.k[:, slot:slot + 1], self.v[:, slot:slot + 1], pos=start, prev_embedding=prev)
         ids = torch.tensor([row.prompt[start:]], dtype=torch.long, device=eng.device)
-        row.logits = eng._forward(ids, cache)[:, -1, :]
+        row.logits = eng._forward(ids, cache)
         row.prev = cache.prev_embedding
         if row.prev is not None:
             self.prev[slot] = row.prev[0]
@@ -407,7 +407,7 @@ class Session:
             for slot, r in enumerate(rows):
                 cache = KVCache.from_tensors(self.k[:, slot:slot + 1], self.v[:, slot:slot + 1], pos=len(r.fed),
                                              prev_embedding=r.prev)
-                out.append(eng._forward(ids[slot:slot + 1], cache)[:, -1, :])
+                out.append(eng._forward(ids[slot:slot + 1], cache))
                 r.prev = cache.prev_embedding
             logits = torch.cat(out)
         else:
@@ -581,9 +581,11 @@ class Engine:
                                 f"leaves no room to generate; shorten the prompt or drop old turns.")
 
     def _forward(self, ids, cache):
+        """Logits (B, V) of the last position after feeding ids through the cache."""
+        kwargs = {"kv_cache": cache} if self.reference_contract else {"kv_cache": cache, "last_only": True}
         if self._weights:
-            return torch.func.functional_call(self.model, self._weights, (ids,), {"kv_cache": cache}, strict=False)
-        return self.model.forward(ids, kv_cache=cache)
+            return torch.func.functional_call(self.model, self._weights, (ids,), kwargs, strict=False)[:, -1, :]
+        return self.model.forward(ids, **kwargs)[:, -1, :]
 
     def _decode_step(self, ids, pos, k, v, prev, kv_len):
         from nanochat.gpt import DecodeStep

@@ -309,7 +309,7 @@ class GPT(nn.Module):
         gate = lam * torch.sigmoid(self.smear_gate(x[..., :SMEAR_CHANNELS]))
         return x + gate * shifted
 
-    def forward(self, idx, targets=None, kv_cache=None, loss_reduction="mean"):
+    def forward(self, idx, targets=None, kv_cache=None, loss_reduction="mean", last_only=False):
         """idx (B, T) token ids. Without targets: fp32 softcapped logits (B, T, vocab_size). With
         targets (-1 = ignore): the cross-entropy, reduced by 'mean' | 'sum' | 'none' (per token,
         flattened to (B*T,)).
@@ -317,7 +317,10 @@ class GPT(nn.Module):
         kv_cache: None (training, evaluation); a KVCache, whose rows all sit at one position:
         positions continue from it, the new keys/values are written into it and it is advanced
         by T at the end (prefill); or a DecodeStep: T = 1, each row at its own position, the
-        cache and the previous embeddings updated in place (the Engine's decode step)."""
+        cache and the previous embeddings updated in place (the Engine's decode step).
+
+        last_only=True (without targets): logits of the last position only, (B, 1, vocab_size); a
+        prefill samples from nothing else, and the other positions' lm_head is most of its cost."""
         B, T = idx.shape
         step = kv_cache if isinstance(kv_cache, DecodeStep) else None
         if step is not None:
@@ -360,6 +363,8 @@ class GPT(nn.Module):
                 x_mid = x
         if kv_cache is not None and step is None:
             kv_cache.advance(T)  # only after the last layer has written its keys/values
+        if last_only:
+            x, x_mid = x[:, -1:], x_mid[:, -1:]
         x = x - self.backout_lambda.to(x.dtype) * x_mid
         x = norm(x)
 
