@@ -349,7 +349,7 @@ def step_decode(check):
     def run(engine, B):
         kw = dict(num_samples=B, max_tokens=max_tokens, temperature=0.0)
         time_run(lambda: engine.generate(prompt, **kw), check.device)  # warm-up (compiles)
-        rows, ttft, per_step = time_run(lambda: engine.generate(prompt, **kw), check.device)
+        rows, ttft, per_step, _ = time_run(lambda: engine.generate(prompt, **kw), check.device)
         stats = {"tok_s": B / per_step, "step_ms": 1e3 * per_step, "ttft_ms": 1e3 * ttft}
         if peak_bw:
             bytes_step = weight_bytes + B * model.kv_bytes_read(len(prompt) + len(rows[0]) // 2)

@@ -296,22 +296,28 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, cache_seqlens=N
     return _sdpa(q, k_cache[:, :end], v_cache[:, :end], causal, window_size[0], softmax_scale)
 
 
-def decode_attention(q, k, v, k_cache, v_cache, layer, pos, mask, enable_gqa=None):
+def decode_attention(q, k, v, k_cache, v_cache, layer, pos, mask, enable_gqa=None, slots=None):
     """Static-shape decode: one new token per row, each row at its own position. Made for
     torch.compile and CUDA graphs (no host sync, no data-dependent shapes).
 
     q (B, 1, H, D), k/v (B, 1, Hkv, D). k_cache/v_cache are the whole caches (n_layer, R, T_max,
-    Hkv, D) of R >= B rows, of which the first B decode; row b's new key/value are written in place at [layer, b, pos[b]] (pos: int64 (B,)).
-    The write indexes the full tensor rather than a per-layer view, so the compiler updates the
-    cache in place instead of copying it back every step. `mask` is a boolean (B, L) saying which
-    of the first L cache slots each row may see (the caller builds it from pos and the layer's
-    window, once per step); only those L slots are read, so the caller keeps L a bucket above
-    the longest row instead of T_max."""
+    Hkv, D) of R >= B rows, of which the first B decode; row b's new key/value are written in
+    place at [layer, b, pos[b]] (pos: int64 (B,)). The write indexes the full tensor rather than
+    a per-layer view, so the compiler updates the cache in place instead of copying it back every
+    step. `slots` (eager steps) is b * T_max + pos[b], made once per step: the write is then one
+    index_copy_ into the flattened layer. `mask` is a boolean (B, L) saying which of the first L
+    cache slots each row may see (the caller builds it from pos and the layer's window, once per
+    step); only those L slots are read, so the caller keeps L a bucket above the longest row
+    instead of T_max."""
     B = q.size(0)
-    rows = torch.arange(B, device=q.device)
-    layer_idx = torch.full((B,), layer, dtype=torch.long, device=q.device)
-    k_cache.index_put_((layer_idx, rows, pos), k[:, 0])
-    v_cache.index_put_((layer_idx, rows, pos), v[:, 0])
+    if slots is not None:
+        for cache, new in ((k_cache, k), (v_cache, v)):
+            cache[layer].view(-1, *cache.shape[3:]).index_copy_(0, slots, new[:, 0])
+    else:
+        rows = torch.arange(B, device=q.device)
+        layer_idx = torch.full((B,), layer, dtype=torch.long, device=q.device)
+        k_cache.index_put_((layer_idx, rows, pos), k[:, 0])
+        v_cache.index_put_((layer_idx, rows, pos), v[:, 0])
     L = mask.size(1)
     if enable_gqa is None:
         enable_gqa = q.size(2) != k.size(2)

@@ -20,6 +20,7 @@ import secrets
 import threading
 import warnings
 from collections import OrderedDict, deque
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
@@ -389,7 +390,7 @@ class Session:
             self.v[:, slot, :start] = v
         cache = KVCache.from_tensors(self.k[:, slot:slot + 1], self.v[:, slot:slot + 1], pos=start, prev_embedding=prev)
         ids = torch.tensor([row.prompt[start:]], dtype=torch.long, device=eng.device)
-        row.logits = eng._forward(ids, cache)[:, -1, :]
+        row.logits = eng._forward(ids, cache)
         row.prev = cache.prev_embedding
         if row.prev is not None:
             self.prev[slot] = row.prev[0]
@@ -406,7 +407,7 @@ class Session:
             for slot, r in enumerate(rows):
                 cache = KVCache.from_tensors(self.k[:, slot:slot + 1], self.v[:, slot:slot + 1], pos=len(r.fed),
                                              prev_embedding=r.prev)
-                out.append(eng._forward(ids[slot:slot + 1], cache)[:, -1, :])
+                out.append(eng._forward(ids[slot:slot + 1], cache))
                 r.prev = cache.prev_embedding
             logits = torch.cat(out)
         else:
@@ -504,6 +505,20 @@ def _step_fn(model, weights, ids, step):
     return model(ids, kv_cache=step)
 
 
+@contextmanager
+def _one_thread():
+    """Run a lone row's CPU step on one thread. Its matrix-vector products and small ops gain
+    little from a second thread, but every op then ends in a barrier where the first thread
+    spins until the second one is scheduled: on a busy machine that stalls each op (measured:
+    a lone row's step 10x slower on 2 loaded cores). The caller's setting is restored."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def _device_of(model):
     if hasattr(model, "get_device"):
         return torch.device(model.get_device())
@@ -538,8 +553,9 @@ class Engine:
         self._compiled = None
         self.batch_invariant = batch_invariant
         self.prefix_store = PrefixStore(prefix_cache_bytes) if prefix_cache_bytes else None
-        self._linears = None
+        self._params = self._linears = None
         self._weights = None  # compute-dtype copies of the matmul weights (see _refresh_weights)
+        self._decode_weights = None
         self._weight_versions = None
         special = tokenizer.encode_special
         self.bos = tokenizer.get_bos_token_id()
@@ -565,15 +581,17 @@ class Engine:
                                 f"leaves no room to generate; shorten the prompt or drop old turns.")
 
     def _forward(self, ids, cache):
+        """Logits (B, V) of the last position after feeding ids through the cache."""
+        kwargs = {"kv_cache": cache} if self.reference_contract else {"kv_cache": cache, "last_only": True}
         if self._weights:
-            return torch.func.functional_call(self.model, self._weights, (ids,), {"kv_cache": cache}, strict=False)
-        return self.model.forward(ids, kv_cache=cache)
+            return torch.func.functional_call(self.model, self._weights, (ids,), kwargs, strict=False)[:, -1, :]
+        return self.model.forward(ids, **kwargs)[:, -1, :]
 
     def _decode_step(self, ids, pos, k, v, prev, kv_len):
         from nanochat.gpt import DecodeStep
 
-        step = DecodeStep(k, v, prev, pos, kv_len)
         if self.compile:
+            step = DecodeStep(k, v, prev, pos, kv_len)
             if self._compiled is None:
                 from torch import _dynamo
                 _dynamo.config.cache_size_limit = max(_dynamo.config.cache_size_limit, 64)
@@ -584,29 +602,40 @@ class Engine:
             except Exception as e:  # no compiler toolchain, an unsupported op ...: the same math, eagerly
                 warnings.warn(f"compiling the decode step failed ({type(e).__name__}: {e}); decoding eagerly", stacklevel=2)
                 self.compile = False
+                self._weight_versions = None  # remade with the eager step's DecodeWeights
+                self._refresh_weights()
+        step = DecodeStep(k, v, prev, pos, kv_len, self._decode_weights)
+        if ids.size(0) == 1 and self.device.type == "cpu":
+            with _one_thread():
+                return _step_fn(self.model, self._weights, ids, step)[:, -1, :]
         return _step_fn(self.model, self._weights, ids, step)[:, -1, :]
 
     def _refresh_weights(self):
-        """Copies of the matmul weights in the compute dtype, made once and refreshed only when a
-        master changed (RL updates the model between rollouts). Without them every decode step
-        would cast every fp32 master to bf16 again: 3x the weight traffic of a memory-bound step.
-        Empty when the compute dtype is the masters' dtype (nothing to cast)."""
+        """What the decode step reads instead of the parameters, made once and remade only when a
+        parameter changed (RL updates the model between rollouts): copies of the matmul weights
+        in the compute dtype when the masters are wider (otherwise every step would cast every
+        fp32 master to bf16 again: 3x the weight traffic of a memory-bound step), and for an
+        eager step the DecodeWeights (stacked q/k/v matrices, scalars as Python floats)."""
         if self.reference_contract or not isinstance(self.model, torch.nn.Module):
             return
-        if self._linears is None:  # the masters wider than the compute dtype; the model's structure is fixed
+        from nanochat.gpt import DecodeWeights
+
+        if self._params is None:  # the model's structure is fixed; its values are not
+            self._params = list(self.model.parameters())
             self._linears = [(name + ".weight", m) for name, m in self.model.named_modules()
                              if isinstance(m, torch.nn.Linear) and m.weight.dtype != COMPUTE_DTYPE]
-        if not self._linears:
-            return
-        linears = [(name, m.weight) for name, m in self._linears]
-        versions = [(w.data_ptr(), w._version) for _, w in linears]
+        versions = [(p.data_ptr(), p._version) for p in self._params]
         if versions == self._weight_versions:
             return
-        if self._weights is not None and list(self._weights) == [n for n, _ in linears]:
-            for (name, w) in linears:
-                self._weights[name].copy_(w.detach())  # in place: CUDA graphs keep their addresses
-        else:
-            self._weights = {name: w.detach().to(COMPUTE_DTYPE) for name, w in linears}
+        if self._linears:
+            linears = [(name, m.weight) for name, m in self._linears]
+            if self._weights is not None and list(self._weights) == [n for n, _ in linears]:
+                for (name, w) in linears:
+                    self._weights[name].copy_(w.detach())  # in place: CUDA graphs keep their addresses
+            else:
+                self._weights = {name: w.detach().to(COMPUTE_DTYPE) for name, w in linears}
+        # a compiled step fuses by itself, and would recompile whenever a scalar changed
+        self._decode_weights = None if self.compile else DecodeWeights(self.model, COMPUTE_DTYPE)
         self._weight_versions = versions
 
     def _advance_tools(self, row, sampled):

@@ -96,19 +96,28 @@ class CausalSelfAttention(nn.Module):
         B, T, C = x.shape
         H, Hkv, D = self.n_head, self.n_kv_head, self.head_dim
         # SPEC §1.3: project; add the gated value embedding; RoPE; QK-norm; x1.2; attend; project.
-        q = self.c_q(x).view(B, T, H, D)
-        k = self.c_k(x).view(B, T, Hkv, D)
-        v = self.c_v(x).view(B, T, Hkv, D)
+        fused = kv_cache.weights.qkv[self.layer_idx] if isinstance(kv_cache, DecodeStep) and kv_cache.weights else None
+        if fused is not None:  # one matmul for q, k and v; q and k rotated and normed together
+            qkv = F.linear(x, fused)
+            qk = qkv[..., :(H + Hkv) * D].view(B, T, H + Hkv, D)
+            v = qkv[..., (H + Hkv) * D:].view(B, T, Hkv, D)
+        else:
+            q = self.c_q(x).view(B, T, H, D)
+            k = self.c_k(x).view(B, T, Hkv, D)
+            v = self.c_v(x).view(B, T, Hkv, D)
         if ve is not None:
             gate = 3 * torch.sigmoid(self.ve_gate(x[..., :VE_GATE_CHANNELS]))  # (B, T, Hkv) in (0, 3)
             v = v + gate.unsqueeze(-1) * ve.view(B, T, Hkv, D)
-        q = norm(apply_rotary_emb(q, cos, sin)) * QK_SCALE
-        k = norm(apply_rotary_emb(k, cos, sin)) * QK_SCALE
+        if fused is not None:
+            q, k = (norm(apply_rotary_emb(qk, cos, sin)) * QK_SCALE).split((H, Hkv), dim=2)
+        else:
+            q = norm(apply_rotary_emb(q, cos, sin)) * QK_SCALE
+            k = norm(apply_rotary_emb(k, cos, sin)) * QK_SCALE
         if kv_cache is None:
             y = flash_attn_func(q, k, v, causal=True, window_size=window_size)
         elif isinstance(kv_cache, DecodeStep):  # one token per row, rows at their own positions
             y = decode_attention(q, k, v, kv_cache.k_cache, kv_cache.v_cache, self.layer_idx, kv_cache.pos,
-                                 kv_cache.mask(window_size[0]), enable_gqa=H != Hkv)
+                                 kv_cache.mask(window_size[0]), enable_gqa=H != Hkv, slots=kv_cache.slots)
         else:
             k_cache, v_cache = kv_cache.get_layer_cache(self.layer_idx)
             y = flash_attn_with_kvcache(q, k_cache, v_cache, k=k, v=v, cache_seqlens=kv_cache.cache_seqlens,
@@ -122,18 +131,35 @@ class DecodeStep:
     R >= B rows (the step uses the first B), per-row positions pos (B,) int64, and kv_len, how
     many cache slots attention reads (> max(pos); a bucket, so that few shapes occur). Every
     tensor is written in place, so the step has static shapes and no host syncs: torch.compile
-    and CUDA graphs can capture it whole."""
+    and CUDA graphs can capture it whole. `weights` (DecodeWeights, optional) makes an eager step
+    leaner: fused q/k/v matrices and the per-layer scalars as Python numbers."""
 
-    def __init__(self, k_cache, v_cache, prev_embedding, pos, kv_len):
+    def __init__(self, k_cache, v_cache, prev_embedding, pos, kv_len, weights=None):
         self.k_cache, self.v_cache, self.prev_embedding = k_cache, v_cache, prev_embedding
-        self.pos, self.kv_len = pos, kv_len
+        self.pos, self.kv_len, self.weights = pos, kv_len, weights
         self.masks = {}
+        self.slots = None
+        if weights is not None:  # flat index of each row's new slot in one layer's cache, made once per step
+            self.slots = torch.arange(pos.size(0), device=pos.device) * k_cache.size(2) + pos
 
     def mask(self, left):
         """(B, kv_len) visibility of the cache slots for a layer whose window reaches `left` back."""
         if left not in self.masks:
             self.masks[left] = decode_mask(self.pos, self.kv_len, left)
         return self.masks[left]
+
+
+class DecodeWeights:
+    """What an eager decode step reads instead of the parameters, built once per weight update:
+    each layer's q, k and v matrices stacked into one (fewer, larger matmuls) and the scalars as
+    Python floats (no tensor indexing per layer). The same numbers as the parameters."""
+
+    @torch.no_grad()
+    def __init__(self, model, dtype):
+        self.qkv = [torch.cat((b.attn.c_q.weight, b.attn.c_k.weight, b.attn.c_v.weight)).to(dtype)
+                    for b in model.transformer.h]
+        self.resid = model.resid_lambdas.tolist()
+        self.x0 = model.x0_lambdas.tolist()
 
 
 class MLP(nn.Module):
@@ -285,7 +311,7 @@ class GPT(nn.Module):
         gate = lam * torch.sigmoid(self.smear_gate(x[..., :SMEAR_CHANNELS]))
         return x + gate * shifted
 
-    def forward(self, idx, targets=None, kv_cache=None, loss_reduction="mean"):
+    def forward(self, idx, targets=None, kv_cache=None, loss_reduction="mean", last_only=False):
         """idx (B, T) token ids. Without targets: fp32 softcapped logits (B, T, vocab_size). With
         targets (-1 = ignore): the cross-entropy, reduced by 'mean' | 'sum' | 'none' (per token,
         flattened to (B*T,)).
@@ -293,7 +319,10 @@ class GPT(nn.Module):
         kv_cache: None (training, evaluation); a KVCache, whose rows all sit at one position:
         positions continue from it, the new keys/values are written into it and it is advanced
         by T at the end (prefill); or a DecodeStep: T = 1, each row at its own position, the
-        cache and the previous embeddings updated in place (the Engine's decode step)."""
+        cache and the previous embeddings updated in place (the Engine's decode step).
+
+        last_only=True (without targets): logits of the last position only, (B, 1, vocab_size); a
+        prefill samples from nothing else, and the other positions' lm_head is most of its cost."""
         B, T = idx.shape
         step = kv_cache if isinstance(kv_cache, DecodeStep) else None
         if step is not None:
@@ -322,8 +351,10 @@ class GPT(nn.Module):
         checkpointing = self.activation_checkpointing and kv_cache is None and torch.is_grad_enabled()
         backout_at = self.config.n_layer // 2
         x_mid = None
+        fast = step.weights if step is not None and step.weights else None
+        resid, x0_lambdas = (fast.resid, fast.x0) if fast else (self.resid_lambdas, self.x0_lambdas)
         for i, block in enumerate(self.transformer.h):
-            x = self.resid_lambdas[i] * x + self.x0_lambdas[i] * x0  # before every block, block 0 included
+            x = resid[i] * x + x0_lambdas[i] * x0  # before every block, block 0 included
             key = str(i)
             ve = self.value_embeds[key](idx).to(x.dtype) if key in self.value_embeds else None
             if checkpointing:
@@ -334,6 +365,8 @@ class GPT(nn.Module):
                 x_mid = x
         if kv_cache is not None and step is None:
             kv_cache.advance(T)  # only after the last layer has written its keys/values
+        if last_only:
+            x, x_mid = x[:, -1:], x_mid[:, -1:]
         x = x - self.backout_lambda.to(x.dtype) * x_mid
         x = norm(x)
 

@@ -22,6 +22,8 @@ def apply_rotary_emb(x, cos, sin):
         d = x.size(3) // 2
         x1, x2 = x[..., :d], x[..., d:]
         return torch.cat((x1 * cos + x2 * sin, x2 * cos - x1 * sin), dim=3)
+    if not (x.requires_grad and torch.is_grad_enabled()):  # inference: skip the autograd.Function's overhead
+        return _rotate(x, cos.to(x.dtype), sin.to(x.dtype), 1.0)
     return _Rotary.apply(x, cos, sin)
 
 
@@ -29,6 +31,8 @@ def relu_squared(x):
     """ReLU^2 activation."""
     if torch.compiler.is_compiling():
         return F.relu(x).square()
+    if not (x.requires_grad and torch.is_grad_enabled()):
+        return F.relu(x).square_()
     return _ReluSquared.apply(x)
 
 

@@ -16,6 +16,7 @@ final JSON line.
 
 import argparse
 import json
+import os
 import resource
 import time
 
@@ -139,9 +140,12 @@ def memory_now(device):
 
 
 def time_run(gen_fn, device):
-    """Run one generation; (tokens per row, ttft seconds, decode seconds per step)."""
+    """Run one generation; (tokens per row, ttft seconds, decode seconds per step, the process's
+    CPU seconds per step). On a shared machine the CPU time is the steadier figure: waiting for
+    a core does not count in it."""
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     sync()
+    c0 = time.process_time()
     t0 = time.perf_counter()
     t_first = None
     rows = None
@@ -157,7 +161,7 @@ def time_run(gen_fn, device):
     sync()
     t_end = time.perf_counter()
     per_step = (t_end - t_first) / max(steps - 1, 1)
-    return rows, t_first - t0, per_step
+    return rows, t_first - t0, per_step, (time.process_time() - c0) / steps
 
 
 def main(argv=None):
@@ -219,7 +223,8 @@ def main(argv=None):
     weight_bytes = sum(m.weight.numel() * itemsize for m in model.modules() if isinstance(m, torch.nn.Linear))
     weight_bytes -= (model.padded_vocab_size - cfg.vocab_size) * cfg.n_embd * itemsize  # padding rows are not read
     ctx = args.prompt_len + args.max_tokens // 2
-    print(f"device {device}, dtype {str(COMPUTE_DTYPE).removeprefix('torch.')}, threads {torch.get_num_threads()}, "
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")  # other processes slow every figure
+    print(f"load {load:.2f}, device {device}, dtype {str(COMPUTE_DTYPE).removeprefix('torch.')}, threads {torch.get_num_threads()}, "
           f"layers {cfg.n_layer}, width {cfg.n_embd}, vocab {cfg.vocab_size}, context {cfg.sequence_len}, "
           f"prompt {args.prompt_len}, new tokens {args.max_tokens}, temperature {args.temperature}, "
           f"compile {engine.compile}, warm-up {warmup_s:.2f} s")
@@ -239,17 +244,19 @@ def main(argv=None):
             torch.cuda.reset_peak_memory_stats(device)
         for fn in runs.values():
             time_run(fn, device)  # warm-up
-        best = {}
+        best, cpu = {}, {}
         for _ in range(args.repeats):  # interleaved, so that a burst of load on a shared machine hits both
             for name, fn in runs.items():
                 t0 = time.perf_counter()
-                rows, ttft, per_step = time_run(fn, device)
+                rows, ttft, per_step, cpu_step = time_run(fn, device)
                 total = time.perf_counter() - t0
                 if name not in best or total < best[name][0]:
                     best[name] = (total, ttft, per_step, rows)
+                cpu[name] = min(cpu.get(name, cpu_step), cpu_step)
         for name, (total, ttft, per_step, rows) in best.items():
             n = sum(len(r) for r in rows)
             point[name] = {"tok_s": n / total, "ttft_ms": 1e3 * ttft, "step_ms": 1e3 * per_step,
+                           "cpu_step_ms": 1e3 * cpu[name],
                            "steps": len(rows[0]), "memory_mb": memory_now(device) / 2**20,
                            "of_bound": (n / total) / point["bound_tok_s"]}
             point[name + "_tokens"] = rows
@@ -261,18 +268,19 @@ def main(argv=None):
                 point["same_tokens"] = all(a == b[:len(a)] for a, b in zip(ours, peer))
         results.append(point)
 
-    print(f"{'batch':>5} {'engine':>7} {'tok/s':>9} {'ms/step':>8} {'ttft ms':>8} {'mem MB':>7} {'bound tok/s':>11} {'of bound':>8}")
+    print(f"{'batch':>5} {'engine':>7} {'tok/s':>9} {'ms/step':>8} {'cpu ms':>7} {'ttft ms':>8} {'mem MB':>7} "
+          f"{'bound tok/s':>11} {'of bound':>8}")
     for point in results:
         for name in ("peer", "engine"):
             if name in point:
                 s = point[name]
-                print(f"{point['batch']:>5} {name:>7} {s['tok_s']:>9.1f} {s['step_ms']:>8.3f} {s['ttft_ms']:>8.2f} "
+                print(f"{point['batch']:>5} {name:>7} {s['tok_s']:>9.1f} {s['step_ms']:>8.3f} {s['cpu_step_ms']:>7.3f} {s['ttft_ms']:>8.2f} "
                       f"{s['memory_mb']:>7.0f} {point['bound_tok_s']:>11.0f} {100 * s['of_bound']:>7.1f}%")
         if "ratio" in point:
             same = f", same tokens: {point['same_tokens']}" if "same_tokens" in point else ""
             print(f"{'':>5} engine/peer {point['ratio']:.2f}x ({point['bound_by']}-bound){same}")
     print(json.dumps({"bench": "infer", "device": str(device), "dtype": str(COMPUTE_DTYPE).removeprefix("torch."),
-                      "threads": torch.get_num_threads(), "compile": engine.compile, "warmup_s": warmup_s,
+                      "threads": torch.get_num_threads(), "compile": engine.compile, "warmup_s": warmup_s, "load": load,
                       "depth": cfg.n_layer, "width": cfg.n_embd, "vocab": cfg.vocab_size,
                       "prompt_len": args.prompt_len, "max_tokens": args.max_tokens, "temperature": args.temperature,
                       "bandwidth": bandwidth, "matmul_flops": matmul_rate, "weight_bytes": weight_bytes,

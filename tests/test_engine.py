@@ -11,7 +11,7 @@ import torch
 
 from nanochat.common import COMPUTE_DTYPE, NanochatError
 from nanochat.engine import Engine, KVCache, sample_next_token
-from nanochat.gpt import GPT, DecodeStep, GPTConfig
+from nanochat.gpt import GPT, DecodeStep, DecodeWeights, GPTConfig
 
 torch.set_num_threads(1)
 
@@ -317,6 +317,43 @@ def test_weight_copies_follow_in_place_updates(tokenizer):
     assert [c[0] for c in columns(engine, prompt, max_tokens=16, temperature=0.0)] == new_ref
 
 
+def test_lean_decode_step_matches_the_plain_one():
+    """DecodeWeights (stacked q/k/v, scalars as floats) change how the step is computed, not what:
+    logits, the written keys/values and the carried embeddings agree with the parameter path (to
+    float rounding: one stacked matmul may sum in another order than three)."""
+    model = build(n_head=4, n_kv_head=2, n_layer=3, sequence_len=256)
+    c = model.config
+    k = torch.randn(c.n_layer, 4, 256, c.n_kv_head, c.n_embd // c.n_head)
+    v, prev = torch.randn_like(k), torch.randn(4, 1, c.n_embd)
+    ids, pos = torch.tensor([[3], [40], [7]]), torch.tensor([5, 30, 0])
+    with torch.inference_mode():
+        out = {}
+        for lean in (False, True):
+            kk, vv, pp = k.clone(), v.clone(), prev.clone()
+            weights = DecodeWeights(model, COMPUTE_DTYPE) if lean else None
+            out[lean] = (model(ids, kv_cache=DecodeStep(kk, vv, pp, pos, 64, weights)), kk, vv, pp)
+    for plain, lean in zip(out[False], out[True]):
+        torch.testing.assert_close(lean, plain, atol=1e-5, rtol=1e-5)
+    assert torch.equal(out[True][3], out[False][3])  # the carried embeddings are no matmul's output
+
+
+@exact
+def test_decode_weights_follow_in_place_updates(tokenizer):
+    """The eager step reads stacked q/k/v and the scalars as floats, made once; an in-place
+    update of the parameters (an RL step) must reach them before the next step."""
+    model = build()
+    engine = Engine(model, tokenizer, compile=False)
+    prompt = [291, 40, 41, 42, 43]
+    ref = naive_greedy(model, tokenizer, prompt, 16)
+    assert [c[0] for c in columns(engine, prompt, max_tokens=16, temperature=0.0)] == ref
+    for change in (lambda: model.transformer.h[0].attn.c_v.weight.mul_(-3.0), lambda: model.resid_lambdas.mul_(0.3)):
+        with torch.no_grad():
+            change()
+        old, ref = ref, naive_greedy(model, tokenizer, prompt, 16)
+        assert ref != old  # the change matters to the tokens
+        assert [c[0] for c in columns(engine, prompt, max_tokens=16, temperature=0.0)] == ref
+
+
 def test_interleaved_generations_do_not_share_a_cache(tokenizer):
     engine = Engine(build(), tokenizer, compile=False)
     p1, p2 = [291, 40, 41, 42, 43], list(range(60, 77))
@@ -356,14 +393,16 @@ def run_session(sess, joins=()):
 
 
 @exact
-def test_decode_step_logits_of_a_row_do_not_depend_on_the_batch(tokenizer):
+@pytest.mark.parametrize("lean", [False, True])
+def test_decode_step_logits_of_a_row_do_not_depend_on_the_batch(tokenizer, lean):
     """Bit for bit: a row decoded beside idle rows (what a lone row's step is: the session pads
     the batch to MIN_DECODE_ROWS) and beside rows at other positions, 4 or 5 of them, whatever
-    the attention span."""
+    the attention span; with the parameters or with the engine's DecodeWeights."""
     from nanochat.engine import MIN_DECODE_ROWS
 
     assert MIN_DECODE_ROWS == 4  # what a lone row is padded to with batch_invariant=True
     model = build(n_head=4, n_kv_head=2, sequence_len=256)
+    weights = DecodeWeights(model, COMPUTE_DTYPE) if lean else None
     c = model.config
     prompts = [list(range(5, 25)), [7, 8, 9], list(range(40, 140)), [291, 3], [4, 5, 6]]
     B, T = len(prompts), 256
@@ -379,11 +418,12 @@ def test_decode_step_logits_of_a_row_do_not_depend_on_the_batch(tokenizer):
 
         def decode(rows, span):
             kk, vv, pp = k[:, rows].clone(), v[:, rows].clone(), prev[rows].clone()
-            return model(ids[rows], kv_cache=DecodeStep(kk, vv, pp, pos[rows], span))[0], kk[:, 0], pp[0]
+            return model(ids[rows], kv_cache=DecodeStep(kk, vv, pp, pos[rows], span, weights))[0], kk[:, 0], pp[0]
 
         idle = torch.zeros_like(pos)
         kk, vv, pp = k[:, [0, 1, 1, 1]].clone(), v[:, [0, 1, 1, 1]].clone(), prev[[0, 1, 1, 1]].clone()
-        alone = model(torch.tensor([[11], [0], [0], [0]]), kv_cache=DecodeStep(kk, vv, pp, torch.cat((pos[:1], idle[:3])), 64))
+        alone = model(torch.tensor([[11], [0], [0], [0]]),
+                      kv_cache=DecodeStep(kk, vv, pp, torch.cat((pos[:1], idle[:3])), 64, weights))
         for rows, span in [([0, 1, 2, 3], 128), ([0, 1, 2, 3, 4], 256), ([0, 1, 3, 4], 64)]:
             logits, k0, p0 = decode(rows, span)
             assert torch.equal(logits, alone[0]) and torch.equal(k0, kk[:, 0]) and torch.equal(p0, pp[0])

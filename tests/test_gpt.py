@@ -275,6 +275,17 @@ def test_forward_matches_a_literal_transcription_of_the_spec():
     torch.testing.assert_close(model(idx), logits, atol=1e-5, rtol=1e-5)
 
 
+def test_last_only_gives_the_last_positions_logits():
+    """A prefill asks for the last position's logits only; they are those of the full output (to
+    float rounding: one row's lm_head product may sum in another order than many rows')."""
+    model = build(n_layer=3)
+    idx = tokens(2, 20)
+    with torch.inference_mode():
+        full, last = model(idx), model(idx, last_only=True)
+    assert last.shape == (2, 1, model.config.vocab_size)
+    torch.testing.assert_close(last, full[:, -1:], atol=1e-6, rtol=1e-6)
+
+
 def test_causality_is_exact():
     model = build(n_layer=2, window_pattern="L")
     idx = tokens(1, 20)

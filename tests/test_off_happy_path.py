@@ -299,7 +299,7 @@ def _losses(kind, tag):
 
 
 @pytest.mark.slow
-def test_item9_two_nodes_train_checkpoint_and_resume_like_one_two_process_run():
+def test_multinode_two_nodes_train_checkpoint_and_resume_like_one_two_process_run():
     base = os.environ["NANOCHAT_BASE_DIR"]
     data_dir = make_tiny_data(base)
     steps = 4
