@@ -95,7 +95,7 @@ class CausalSelfAttention(nn.Module):
     def forward(self, x, ve, cos, sin, window_size, kv_cache):
         B, T, C = x.shape
         H, Hkv, D = self.n_head, self.n_kv_head, self.head_dim
-        # SPEC §1.3: project; add the gated value embedding; RoPE; QK-norm; x1.2; attend; project.
+        # project; add the gated value embedding; RoPE; QK-norm; x1.2; attend; project (docs/model.md)
         fused = kv_cache.weights.qkv[self.layer_idx] if isinstance(kv_cache, DecodeStep) and kv_cache.weights else None
         if fused is not None:  # one matmul for q, k and v; q and k rotated and normed together
             qkv = F.linear(x, fused)
