@@ -1,4 +1,4 @@
-"""CORE evaluation speed: the upstream-style loop (one forward per example over all its rows,
+"""CORE evaluation speed: the original nanochat's loop (one forward per example over all its rows,
 full-vocab logits and cross-entropy at every position) against nanochat's scoring, on the same
 prepared examples of real tasks, in one process, with per-example results compared.
 
@@ -8,7 +8,7 @@ prepared examples of real tasks, in one process, with per-example results compar
 
 Model: a fixed small GPT (depth 4, n_embd 256, seq 1024 by default) with a BPE tokenizer trained
 in-process on ../shared/data/text, briefly trained on that text so its answers are not all alike.
-Variants, each timed best-of-N and interleaved: `peer` (the upstream loop, written here),
+Variants, each timed best-of-N and interleaved: `peer` (the original's loop, written here),
 `plain` (ours, one forward per example), `packed` (ours, several examples per forward, longest
 first), `shared` (ours, shared prompt prefix once + each row's remainder; the CPU default).
 Prompt preparation (render + tokenize) is timed separately: it is the same for all.
@@ -76,7 +76,7 @@ def build_model(args, tokenizer, docs):
 
 
 def peer_task(model, examples, task_type, pad_id):
-    """The upstream loop: per example, right-pad its rows with BOS, one forward, full logits,
+    """The original nanochat's loop: per example, right-pad its rows with BOS, one forward, full logits,
     cross-entropy and argmax at every position, then mean loss / exact match over each span."""
     import torch
     import torch.nn.functional as F

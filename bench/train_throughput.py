@@ -6,7 +6,7 @@ dtype is fixed at import).
     python -m bench.train_throughput --depth 12 --seq-len 2048 --batch 16 --vocab 32768 --window SSSL   # a GPU
 
 MFU is against the device's datasheet bf16 peak on known GPUs, else against the matmul rate
-measured here in the same dtype. Upstream nanochat was measured on a 2-core machine of this
+measured here in the same dtype. The original nanochat was measured on a 2-core machine of this
 kind at the default config (2,700 tok/s fp32, 4,400 tok/s bf16); those recorded figures are
 the peer column, since its code cannot be fetched here. Prints a table and a final JSON line.
 """
@@ -18,7 +18,7 @@ import subprocess
 import sys
 import time
 
-UPSTREAM_TOK_S = {"float32": 2700.0, "bfloat16": 4400.0}  # recorded on this machine kind (issue 3)
+ORIGINAL_TOK_S = {"float32": 2700.0, "bfloat16": 4400.0}  # recorded on this machine kind (issue 3)
 
 
 def worker(args):
@@ -108,11 +108,11 @@ def main():
     default_config = (args.depth, args.head_dim, args.seq_len, args.batch, args.vocab, args.window) == (4, 64, 256, 16, 8192, "L")
     print(f"\nconfig: depth {args.depth}, head dim {args.head_dim}, window {args.window}, seq {args.seq_len}, "
           f"{args.batch * args.seq_len} tokens/step, vocab {args.vocab}, compile {bool(args.compile)}")
-    print(f"{'dtype':10s} {'device':8s} {'tok/s':>10s} {'step ms':>9s} {'MFU':>7s} {'vs upstream':>12s}  MFU denominator")
+    print(f"{'dtype':10s} {'device':8s} {'tok/s':>10s} {'step ms':>9s} {'MFU':>7s} {'vs original':>12s}  MFU denominator")
     for r in results:
-        ref = UPSTREAM_TOK_S.get(r["dtype"]) if default_config and r["device"] == "cpu" else None
-        r["vs_upstream"] = r["tok_per_s"] / ref if ref else None
-        vs = f"{r['vs_upstream']:.2f}x" if ref else "n/a"
+        ref = ORIGINAL_TOK_S.get(r["dtype"]) if default_config and r["device"] == "cpu" else None
+        r["vs_original"] = r["tok_per_s"] / ref if ref else None
+        vs = f"{r['vs_original']:.2f}x" if ref else "n/a"
         print(f"{r['dtype']:10s} {r['device']:8s} {r['tok_per_s']:10,.0f} {r['step_ms']:9.1f} {100 * r['mfu']:6.1f}% {vs:>12s}  "
               f"{r['peak_kind']} {r['peak_flops'] / 1e9:,.0f} GFLOP/s")
     print(json.dumps({"bench": "train_throughput", "config": {k: getattr(args, k) for k in

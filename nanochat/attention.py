@@ -280,7 +280,8 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, cache_seqlens=N
     """Attention for new queries against a KV cache. k_cache/v_cache (B, T_max, Hkv, D) are
     written in place at [pos, pos + T_new) with the new k/v, where pos = cache_seqlens[0] (all
     rows at the same position); queries then attend over cache[:pos + T_new]. cache_seqlens is
-    *not* advanced here: the model does that after its last layer (SPEC §2, §10.1)."""
+    *not* advanced here: the model does that after its last layer, since every layer writes at
+    the same positions."""
     if BACKEND == "fa3":
         return _fa3.flash_attn_with_kvcache(q, k_cache, v_cache, k=k, v=v, cache_seqlens=cache_seqlens,
                                             causal=causal, window_size=window_size, softmax_scale=softmax_scale)
@@ -328,7 +329,7 @@ def decode_attention(q, k, v, k_cache, v_cache, layer, pos, mask, enable_gqa=Non
 
 def decode_mask(pos, kv_len, left):
     """(B, kv_len) boolean: slot c is visible to a query at pos[b] iff c <= pos[b] and, with a
-    window, pos[b] - c <= left (the same rule as the full forward, SPEC §2)."""
+    window, pos[b] - c <= left (the same rule as the full forward)."""
     delta = pos[:, None] - torch.arange(kv_len, device=pos.device)[None, :]
     mask = delta >= 0
     if left >= 0:

@@ -167,14 +167,15 @@ def _make_task_on_every_rank(task_name, data_dir, device):
 
 
 def run_chat_eval(task_name, model, tokenizer, engine, batch_size=8, num_samples=1, max_new_tokens=512,
-                  temperature=0.0, top_k=50, max_problems=None, data_dir=None):
+                  temperature=0.0, top_k=50, max_problems=None, data_dir=None, sandbox=None):
     """Accuracy on one of ALL_TASKS (its test split). Raises TaskDataMissing when the task's
-    data is neither local nor downloadable; engine may be None for categorical tasks."""
+    data is neither local nor downloadable; engine may be None for categorical tasks. sandbox:
+    "strict" or "auto" for code tasks (default: $NANOCHAT_SANDBOX)."""
     task = _make_task_on_every_rank(task_name, data_dir, model.get_device())
     if getattr(task, "executes_code", False):
         from nanochat.execution import check_sandbox
 
-        check_sandbox()  # a sandbox that cannot start would score every answer 0: fail loudly instead
+        check_sandbox(sandbox)  # a sandbox that cannot start would score every answer 0: fail loudly instead
     if task.eval_type == "categorical":
         passed, total = run_categorical_eval(task, tokenizer, model, batch_size, max_problems, return_counts=True)
     elif task.eval_type == "generative":

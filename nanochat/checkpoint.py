@@ -1,12 +1,12 @@
-"""Checkpoints (SPEC §12.2): save (atomic, per-rank optimizer shards, keep the last K),
+"""Checkpoints (docs/training.md, "Checkpoints and resume"): save (atomic, per-rank optimizer shards, keep the last K),
 find the latest, load for resuming and for inference.
 
-Layout, as upstream so the two projects read each other's runs:
+Layout, the same as the original nanochat project's, so each reads the other's runs:
     base_dir/{base,chatsft,chatrl}_checkpoints/<model_tag>/
         model_{step:06d}.pt            state dict (rank 0)
         meta_{step:06d}.json           model_config, user_config, loop state ... (rank 0, written last)
         optim_{step:06d}_rank{r}.pt    optimizer shard of rank r
-        state_{step:06d}_rank{r}.pt    ours: rank r's dataloader position and RNG states (exact resume)
+        state_{step:06d}_rank{r}.pt    rank r's dataloader position and RNG states (exact resume)
 A step counts as saved once its meta file exists: every other file is written before it.
 """
 
@@ -144,7 +144,7 @@ def load_checkpoint(checkpoint_dir, step, device, load_optimizer=False, rank=0, 
 
 def patch_model_config(config):
     """The GPTConfig fields of a checkpoint's model_config; older checkpoints predate
-    window_pattern, which then means full attention everywhere (SPEC §12.2)."""
+    window_pattern, which then means full attention everywhere (they were trained that way)."""
     from dataclasses import fields
 
     from nanochat.gpt import GPTConfig

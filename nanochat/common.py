@@ -1,8 +1,7 @@
 """Shared plumbing: base directory, device and precision, distributed init, printing,
-logging, clear user-facing errors, atomic writes and downloads (SPEC §12.3)."""
+logging, clear user-facing errors, atomic writes and downloads."""
 
 import contextlib
-import gc
 import gzip
 import json
 import logging
@@ -10,7 +9,6 @@ import math
 import os
 import re
 import shutil
-import signal
 import sys
 import tempfile
 import time
@@ -111,7 +109,7 @@ _DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.
 
 
 def _detect_compute_dtype():
-    """bf16 on SM80+ GPUs, fp32 elsewhere; NANOCHAT_DTYPE overrides (SPEC §12.3).
+    """bf16 on SM80+ GPUs (native bf16 matmuls), fp32 elsewhere; NANOCHAT_DTYPE overrides.
     fp16 is opt-in only (it needs a GradScaler). A half dtype asked for on a machine whose only
     device is the CPU is checked first (see check_cpu_half_dtype)."""
     env = os.environ.get("NANOCHAT_DTYPE")
@@ -461,51 +459,6 @@ def fit_horizon(num_iterations, total_batch_size, data_tokens, max_passes=0, war
                f"falling, then rises); add data, or lower --num-iterations to about "
                f"{max(1, int(warn_passes * data_tokens // total_batch_size)):,} ({warn_passes:g} passes).")
     return num_iterations
-
-
-class StopRequest:
-    """SIGTERM/SIGINT ask the loop to checkpoint at the end of the current step and exit."""
-
-    def __init__(self):
-        self.signum = None
-        for s in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(s, self._handle)
-
-    def _handle(self, signum, frame):
-        if self.signum is not None:  # a second signal: stop now
-            raise KeyboardInterrupt
-        self.signum = signum
-        print0(f"\nreceived {signal.Signals(signum).name}: saving a checkpoint at the end of this step")
-
-    def requested(self, device, ddp):
-        flag = torch.tensor(1 if self.signum is not None else 0, device=device)
-        if ddp:  # every rank stops at the same step
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
-
-
-@contextlib.contextmanager
-def training_session():
-    """Run a training loop so that an in-process caller (a test, a notebook) gets its interpreter
-    back as it was: the loops freeze and disable the garbage collector after their first step and
-    install StopRequest's signal handlers (and --data-dir flags export NANOCHAT_TASK_DATA_DIR)."""
-    handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
-    gc_enabled = gc.isenabled()
-    env = dict(os.environ)
-    try:
-        yield
-    finally:
-        for key in set(os.environ) - set(env):
-            del os.environ[key]
-        for key, value in env.items():
-            if os.environ.get(key) != value:
-                os.environ[key] = value
-        for s, handler in handlers.items():
-            if handler is not None:
-                signal.signal(s, handler)
-        gc.unfreeze()
-        if gc_enabled:
-            gc.enable()
 
 
 def init_wandb(run, master, project, config):

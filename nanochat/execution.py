@@ -274,21 +274,22 @@ def _unavailable(level):
     return None
 
 
-def _allowed_level():
+def _allowed_level(mode=None):
     level, missing = isolation()
     if level == "none":
         return level
-    if sandbox_mode() == "strict" and level not in FULL_ISOLATION:
+    if (mode or sandbox_mode()) == "strict" and level not in FULL_ISOLATION:
         raise NanochatError(f"NANOCHAT_SANDBOX=strict refuses to run model code with '{level}' isolation ({missing}); "
                             f"apt-get install bubblewrap, or run where user namespaces are enabled.")
     return level
 
 
-def check_sandbox():
+def check_sandbox(mode=None):
     """For scripts about to grade model code: the (level, missing) isolation() found, after its
     self-test. NanochatError when the sandbox cannot start at all (every answer would score 0)
-    or when NANOCHAT_SANDBOX=strict and the level is degraded."""
-    level = _allowed_level()
+    or when `mode` (a --sandbox flag; default NANOCHAT_SANDBOX) is strict and the level is
+    degraded. The level is probed once per process, so a run that passes this check keeps it."""
+    level = _allowed_level(mode)
     if level == "none":
         raise NanochatError(f"the code sandbox cannot start here ({isolation()[1]}), so every code answer would "
                             f"score 0; fix the cause above or evaluate without code tasks.")

@@ -1,7 +1,7 @@
-"""The GPT model (SPEC §1): config, modules, initialization, forward with an optional KV
+"""The GPT model (docs/model.md walks it with every constant's reason): config, modules, initialization, forward with an optional KV
 cache, FLOP and parameter accounting, optimizer parameter groups, and a naive sampler.
 
-Shape of the network, in forward order (SPEC §1.5):
+Shape of the network, in forward order:
     token embedding -> RMSNorm -> smear -> x0
     per layer i: x = resid_lambdas[i]*x + x0_lambdas[i]*x0; x += attn(norm(x)); x += mlp(norm(x))
     backout (subtract a mid-network snapshot) -> RMSNorm -> lm_head -> softcap 15 (fp32) -> loss
@@ -13,7 +13,8 @@ The model is built on the meta device by its callers, then materialized:
     model.to_empty(device=device)
     model.init_weights()
 
-Parameter names match upstream nanochat's state dict, so upstream checkpoints load as is.
+Parameter names are those of the original nanochat project's state dict, so its checkpoints
+load as they are.
 Precision is explicit (no autocast): Linear weights are fp32 masters cast to the activation
 dtype in forward; embeddings are stored in COMPUTE_DTYPE (fp32 when that is fp16).
 """
@@ -38,31 +39,31 @@ class GPTConfig:
     n_head: int = 6  # query heads
     n_kv_head: int = 6  # key/value heads (GQA when fewer than n_head)
     n_embd: int = 768
-    window_pattern: str = "SSSL"  # tiled over layers; the last layer is always L (SPEC §1.7)
+    window_pattern: str = "SSSL"  # tiled over layers; the last layer is always L (see compute_window_sizes)
 
     @classmethod
     def from_depth(cls, depth, aspect_ratio=64, head_dim=128, **kwargs):
-        """The shape --depth stands for (SPEC §1.2): width depth*aspect_ratio rounded up to whole
+        """The shape --depth stands for: width depth*aspect_ratio rounded up to whole
         heads of head_dim, as many kv heads as query heads. kwargs: the other fields."""
         n_embd = -(-depth * aspect_ratio // head_dim) * head_dim
         n_head = n_embd // head_dim
         return cls(n_layer=depth, n_head=n_head, n_kv_head=n_head, n_embd=n_embd, **kwargs)
 
 
-ROPE_BASE = 100_000  # SPEC §1.4: 1e5, not 1e4
-QK_SCALE = 1.2  # q and k are each multiplied by 1.2 after QK-norm (SPEC §1.3 step 5)
-VE_GATE_CHANNELS = 12  # the value-embedding gate reads the first 12 channels (SPEC §1.3 step 2)
-SMEAR_CHANNELS = 24  # the smear gate reads the first 24 channels (SPEC §1.5 step 2)
-SOFTCAP = 15.0  # logit softcap (SPEC §1.5 step 6; LOG.md's 20 was never in the code)
+ROPE_BASE = 100_000  # not the usual 1e4: the slowest channels still tell positions apart at 2048+
+QK_SCALE = 1.2  # q and k are each multiplied by 1.2 after QK-norm: sharper attention than unit norms allow
+VE_GATE_CHANNELS = 12  # the value-embedding gate reads the first 12 channels: enough to decide, nearly free
+SMEAR_CHANNELS = 24  # the smear gate reads the first 24 channels, for the same reason
+SOFTCAP = 15.0  # logits bounded to +-15: steadier early training, and the fused loss needs no max-subtraction
 
 
 def norm(x):
-    """RMSNorm over the last dim with no learnable weight (SPEC §1.3)."""
+    """RMSNorm over the last dim with no learnable weight (the residual scalars do the scaling)."""
     return F.rms_norm(x, (x.size(-1),))
 
 
 def has_ve(layer_idx, n_layer):
-    """Value embeddings on alternating layers, the last one always included (SPEC §1.6)."""
+    """Value embeddings on alternating layers, the last one always included."""
     return layer_idx % 2 == (n_layer - 1) % 2
 
 
@@ -94,7 +95,7 @@ class CausalSelfAttention(nn.Module):
     def forward(self, x, ve, cos, sin, window_size, kv_cache):
         B, T, C = x.shape
         H, Hkv, D = self.n_head, self.n_kv_head, self.head_dim
-        # SPEC §1.3: project; add the gated value embedding; RoPE; QK-norm; x1.2; attend; project.
+        # project; add the gated value embedding; RoPE; QK-norm; x1.2; attend; project (docs/model.md)
         fused = kv_cache.weights.qkv[self.layer_idx] if isinstance(kv_cache, DecodeStep) and kv_cache.weights else None
         if fused is not None:  # one matmul for q, k and v; q and k rotated and normed together
             qkv = F.linear(x, fused)
@@ -195,7 +196,7 @@ def _check_config(config):
 
 
 def compute_window_sizes(config):
-    """Per-layer (left, right) windows (SPEC §1.7): L = sequence_len (not unlimited), S = a quarter
+    """Per-layer (left, right) windows: L = sequence_len (not unlimited), S = a quarter
     of it rounded up to a multiple of 128; the pattern is tiled and the last layer forced to L."""
     long_window = config.sequence_len
     short_window = -(-config.sequence_len // (4 * 128)) * 128  # ceil(seq/4/128)*128: 2048 -> 512
@@ -210,7 +211,8 @@ class GPT(nn.Module):
         super().__init__()
         _check_config(config)
         self.config = config
-        # vocab padded to a multiple of 64 for wte, lm_head and the VE tables; logits are sliced back (SPEC §1.8)
+        # vocab padded to a multiple of 64 for wte, lm_head and the VE tables (matmul-friendly shapes);
+        # logits are sliced back
         padded_vocab = -(-config.vocab_size // pad_vocab_size_to) * pad_vocab_size_to
         self.padded_vocab_size = padded_vocab
         head_dim = config.n_embd // config.n_head
@@ -223,7 +225,7 @@ class GPT(nn.Module):
         # per-layer residual scalars; placeholder values, real ones in init_weights()
         self.resid_lambdas = nn.Parameter(torch.ones(config.n_layer))
         self.x0_lambdas = nn.Parameter(torch.zeros(config.n_layer))
-        # smear (cheap bigram mixing) and backout; 1-element parameters, shape (1,) as upstream
+        # smear (cheap bigram mixing) and backout; shape (1,), not 0-D, to match the checkpoint format
         self.smear_gate = Linear(SMEAR_CHANNELS, 1)
         self.smear_lambda = nn.Parameter(torch.zeros(1))
         self.backout_lambda = nn.Parameter(torch.full((1,), 0.2))
@@ -231,7 +233,7 @@ class GPT(nn.Module):
             str(i): nn.Embedding(padded_vocab, kv_dim) for i in range(config.n_layer) if has_ve(i, config.n_layer)
         })
         self.window_sizes = compute_window_sizes(config)
-        # RoPE tables for 10x the training length (SPEC §1.4); not saved in checkpoints
+        # RoPE tables for 10x the training length, so generation can run past it; not saved in checkpoints
         self.rotary_seq_len = 10 * config.sequence_len
         cos, sin = self._precompute_rotary(self.rotary_seq_len, head_dim)
         self.register_buffer("cos", cos, persistent=False)
@@ -256,8 +258,8 @@ class GPT(nn.Module):
     def init_weights(self):
         """Real initialization after to_empty(). The random draws come in a fixed order (wte,
         lm_head, each block's c_q, c_k, c_v, c_fc, the smear gate, the value-embedding tables,
-        the value-embedding gates) so that one seed gives the same weights as the reference
-        implementation, and runs can be compared with its runs step for step."""
+        the value-embedding gates) so that one seed gives the same weights as the original
+        nanochat project, and bench/reference_lockstep.py can compare runs step for step."""
         cfg = self.config
         nn.init.normal_(self.transformer.wte.weight, mean=0.0, std=0.8)
         nn.init.normal_(self.lm_head.weight, mean=0.0, std=0.001)
@@ -368,7 +370,7 @@ class GPT(nn.Module):
         x = x - self.backout_lambda.to(x.dtype) * x_mid
         x = norm(x)
 
-        # lm_head -> slice off the vocab padding -> fp32 -> softcap 15 (SPEC §1.5 step 6); slicing the
+        # lm_head -> slice off the vocab padding -> fp32 -> softcap 15; slicing the
         # weight instead of the logits skips the padded rows' matmul, same numbers
         weight = self.lm_head.weight[:self.config.vocab_size]
         use_fused = self.fused_loss if self.fused_loss is not None else not x.is_cuda
@@ -382,10 +384,10 @@ class GPT(nn.Module):
                                reduction=loss_reduction)
 
     # -------------------------------------------------------------------------
-    # accounting (SPEC §1.10)
+    # accounting (docs/model.md, "Accounting")
 
     def _matmul_params(self):
-        """N_matmul: weights of every Linear (head's structural definition; includes smear_gate)."""
+        """N_matmul: weights of every Linear (smear_gate included)."""
         return sum(m.weight.numel() for m in self.modules() if isinstance(m, nn.Linear))
 
     def _attn_width(self):
@@ -438,7 +440,7 @@ class GPT(nn.Module):
         return sum(per_pos * min(context, w if w >= 0 else context) for w, _ in self.window_sizes)
 
     # -------------------------------------------------------------------------
-    # optimizer (SPEC §1.11)
+    # optimizer parameter groups (docs/model.md, "Parameter groups")
 
     def param_groups(self, unembedding_lr=0.004, embedding_lr=0.2, matrix_lr=0.02, weight_decay=0.0, scalar_lr=0.5):
         """The MuonAdamW parameter groups, each a dict tagged kind='adamw' or 'muon'."""
@@ -473,7 +475,7 @@ class GPT(nn.Module):
         return MuonAdamW(self.param_groups(unembedding_lr, embedding_lr, matrix_lr, weight_decay, scalar_lr))
 
     # -------------------------------------------------------------------------
-    # reference sampler (SPEC §1.12)
+    # naive sampler: the Engine's cross-check
 
     @torch.inference_mode()
     def generate(self, tokens, max_tokens, temperature=1.0, top_k=None, seed=42):

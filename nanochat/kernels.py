@@ -149,7 +149,7 @@ class _LossChunks:
         self.h, self.w, self.softcap = h, weight.to(h.dtype), softcap
         self.valid = targets != -1
         self.targets = targets.clamp(min=0).unsqueeze(1)
-        self.sig = torch.empty(rows, V, device=device)  # fp32, like upstream's .float() logits
+        self.sig = torch.empty(rows, V, device=device)  # fp32 whatever the activations: the softcapped logits and their softmax keep full precision
         self.exp = torch.empty(rows, V, device=device)
         self.low = h.dtype != torch.float32  # bf16/fp16 activations: matmuls in that dtype
         if self.low:

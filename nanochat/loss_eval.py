@@ -1,4 +1,4 @@
-"""Bits per byte (SPEC §7.1): a loss that does not depend on the tokenizer's vocabulary, so
+"""Bits per byte (docs/evaluation.md): a loss that does not depend on the tokenizer's vocabulary, so
 models with different tokenizers can be compared."""
 
 import math

@@ -1,11 +1,12 @@
-"""MuonAdamW: the one optimizer nanochat trains with, on 1 or N ranks (SPEC §3).
+"""MuonAdamW: the one optimizer nanochat trains with, on 1 or N ranks (docs/training.md,
+"Optimizer" and "Data parallelism", walks the math).
 
 This module owns the update math and the gradient synchronisation, nothing else:
-- AdamW for embeddings, lm_head and scalars (SPEC §3.1), one fused step per parameter;
-- Muon for the transformer matrices (SPEC §3.2), one fused step per group of same-shaped
+- AdamW for embeddings, lm_head and scalars, one fused step per parameter;
+- Muon for the transformer matrices, one fused step per group of same-shaped
   matrices stacked into a (K, rows, cols) tensor: Nesterov momentum, MuonEq, Polar Express,
   Muon+, NorMuon, cautious weight decay;
-- ZeRO-2 style data parallelism (SPEC §3.3): when torch.distributed is initialised with more
+- ZeRO-2 style data parallelism: when torch.distributed is initialised with more
   than one rank, the optimizer averages the gradients itself (models are never wrapped in
   DDP), each rank updates and keeps optimizer state for its own slice only, and the updated
   slices are gathered back into the full parameters. `state_dict()` is therefore one shard
@@ -15,7 +16,7 @@ Param groups are plain dicts tagged with `kind`:
   {'kind': 'adamw', 'params': [...], 'lr', 'betas', 'eps', 'weight_decay'}
   {'kind': 'muon',  'params': [...same shape...], 'lr', 'momentum', 'ns_steps', 'beta2', 'weight_decay'}
 Hyperparameters are read from the group on every step, so a training loop may rewrite
-`lr`, `momentum` and `weight_decay` in place (SPEC §3.4); extra keys such as `initial_lr`
+`lr`, `momentum` and `weight_decay` in place (the schedules at the end of this file); extra keys such as `initial_lr`
 are kept and checkpointed with the group.
 
 The two step kernels are plain tensor functions. They take their hyperparameters as 0-D CPU
@@ -39,7 +40,7 @@ from nanochat.common import COMPUTE_DTYPE, NanochatError
 # Constants
 
 # Polar Express coefficients (a, b, c) per iteration, arXiv 2505.16932 with num_iters=5,
-# safety factor 2e-2, cushion 2 (SPEC §3.2 step 5). Exact values matter; do not round.
+# safety factor 2e-2, cushion 2. Exact values matter; do not round.
 POLAR_EXPRESS_COEFFS = (
     (8.156554524902461, -22.48329292557795, 15.878769915207462),
     (4.042929935166739, -2.808917465908714, 0.5000178451051316),
@@ -49,7 +50,8 @@ POLAR_EXPRESS_COEFFS = (
 )
 
 # AdamW params with fewer elements than this are all-reduced and updated whole on every rank;
-# larger ones are reduce-scattered along dim 0 and sharded (SPEC §3.3).
+# larger ones are reduce-scattered along dim 0 and sharded. Below this size a reduce-scatter plus
+# an all-gather costs more in launches than the memory a shard saves.
 SMALL_PARAM_NUMEL = 1024
 
 ADAMW_DEFAULTS = {"betas": (0.8, 0.95), "eps": 1e-10, "weight_decay": 0.0}
@@ -62,13 +64,13 @@ MUON_DEFAULTS = {"momentum": 0.95, "ns_steps": 5, "beta2": 0.9, "weight_decay": 
 
 def adamw_kernel(p: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, step_t: Tensor, lr_t: Tensor,
                  beta1_t: Tensor, beta2_t: Tensor, eps_t: Tensor, wd_t: Tensor) -> None:
-    """One AdamW step on `p` (or a row-slice view of it), in place (SPEC §3.1).
+    """One AdamW step on `p` (or a row-slice view of it), in place.
 
     Math is done in fp32 and copied back, because wte/VE are stored in bf16 and `1 - beta2`
-    has no precision left in bf16 (head fix 4, SPEC §16). For fp32 tensors `.float()` is the
+    has no precision left in bf16 (0.005 rounds to a coarse step there). For fp32 tensors `.float()` is the
     tensor itself and the copy-backs are skipped."""
     p32, m32, v32, g32 = p.float(), exp_avg.float(), exp_avg_sq.float(), grad.float()
-    p32.mul_(1 - lr_t * wd_t)  # decoupled weight decay, applied before the moments (SPEC §3.1 order)
+    p32.mul_(1 - lr_t * wd_t)  # decoupled weight decay, applied before the moments: it shrinks the old weights only
     m32.lerp_(g32, 1 - beta1_t)
     v32.lerp_(g32.square(), 1 - beta2_t)
     bias1 = 1 - beta1_t ** step_t
@@ -82,7 +84,8 @@ def adamw_kernel(p: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, s
 
 def muon_kernel(grads: Tensor, params: Tensor, momentum_buffer: Tensor, second_buffer: Tensor, momentum_t: Tensor,
                 lr_t: Tensor, wd_t: Tensor, beta2_t: Tensor, ns_steps: int, use_bf16: bool) -> None:
-    """One Muon step on a stack of K same-shaped matrices, in place (SPEC §3.2).
+    """One Muon step on a stack of K same-shaped matrices, in place (the steps are listed in
+    docs/training.md, "Optimizer").
 
     grads (K, rows, cols) is consumed (overwritten); params (K, rows, cols) is updated;
     momentum_buffer has the params' shape; second_buffer is the factored second moment,
@@ -199,7 +202,7 @@ class MuonAdamW(torch.optim.Optimizer):
 
     With torch.distributed initialised and world size W > 1 (decided at construction), call
     `step()` right after `backward()` on un-synchronised local gradients: the optimizer
-    averages them across ranks (SPEC §3.3). All ranks must hold the same param groups in the
+    averages them across ranks. All ranks must hold the same param groups in the
     same order, and every parameter must have a gradient on every rank. After a distributed
     step the contents of `p.grad` are unspecified (reductions may run in place on them).
 
@@ -217,7 +220,8 @@ class MuonAdamW(torch.optim.Optimizer):
     def __init__(self, param_groups):
         groups = [_check_group(g, i) for i, g in enumerate(param_groups)]
         super().__init__(groups, defaults={})
-        # 0-D CPU float32 hyperparameters, refilled before every kernel call (SPEC §3).
+        # 0-D CPU float32 hyperparameters, refilled before every kernel call: a changed value is new
+        # data, not a new constant, so the compiled kernels do not recompile.
         self._adamw_hp = {k: torch.tensor(0.0) for k in ("step", "lr", "beta1", "beta2", "eps", "wd")}
         self._muon_hp = {k: torch.tensor(0.0) for k in ("momentum", "lr", "wd", "beta2")}
         distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
@@ -463,12 +467,14 @@ def optimizer_step(optimizer, scaler):
 
 
 # -----------------------------------------------------------------------------
-# Schedules that pretraining applies to the groups each step (SPEC §3.4)
+# Schedules: the multipliers and values a loop writes into the groups before each step. The
+# three loops share these (docs/training.md, "Schedules", has each stage's settings).
 
 
 def lr_multiplier(it, num_iterations, warmup_steps, warmdown_ratio, final_lr_frac):
-    """Linear warmup over warmup_steps ((it+1)/warmup), flat at 1, then a linear warmdown over
-    the last round(warmdown_ratio * N) steps that ends at final_lr_frac."""
+    """By step (pretraining): linear warmup over warmup_steps ((it+1)/warmup, so the first step
+    already moves), flat at 1, then a linear warmdown over the last round(warmdown_ratio * N)
+    steps that ends at final_lr_frac."""
     warmdown_steps = round(warmdown_ratio * num_iterations)
     if it < warmup_steps:
         return (it + 1) / warmup_steps
@@ -478,8 +484,22 @@ def lr_multiplier(it, num_iterations, warmup_steps, warmdown_ratio, final_lr_fra
     return progress + (1 - progress) * final_lr_frac
 
 
-def muon_momentum(it, num_iterations, warmdown_ratio, warmup=400, start=0.85, peak=0.97, end=0.90):
-    """0.85 -> 0.97 over the first 400 steps, flat, then 0.97 -> 0.90 during the warmdown."""
+def lr_multiplier_by_progress(progress, warmup_ratio, warmdown_ratio, final_lr_frac):
+    """By the fraction of the run done, in [0, 1] (SFT measures it in conversations consumed,
+    since an epoch's step count is unknown up front; RL in steps): linear warmup over the first
+    warmup_ratio, flat at 1, linear over the last warmdown_ratio down to final_lr_frac."""
+    if progress < warmup_ratio:
+        return (progress + 1e-8) / warmup_ratio
+    if progress <= 1.0 - warmdown_ratio:
+        return 1.0
+    decay = min(1.0, (progress - (1.0 - warmdown_ratio)) / warmdown_ratio)
+    return (1.0 - decay) + decay * final_lr_frac
+
+
+def muon_momentum(it, num_iterations=0, warmdown_ratio=0.0, warmup=400, start=0.85, peak=0.97, end=0.90):
+    """start -> peak over the first `warmup` steps, flat, then peak -> end during the warmdown
+    (none when warmdown_ratio is 0). A low momentum early lets the fresh weights turn quickly;
+    easing it off during the warmdown lets the last, small steps settle."""
     warmdown_steps = round(warmdown_ratio * num_iterations)
     warmdown_start = num_iterations - warmdown_steps
     if it < warmup:

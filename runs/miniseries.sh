@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The miniseries (SPEC §13.3): one base model per depth at the default tokens:params ratio, on
+# The miniseries: one base model per depth at the default tokens:params ratio, on
 # one 8-GPU node, and a CSV of what each run reports in its final {"base_train": {...}} JSON line
 # (plus the final CORE metric from its train_log.jsonl). Runs already in the CSV are skipped.
 # Run from the repository root with nanochat installed (e.g. after runs/speedrun.sh's setup):

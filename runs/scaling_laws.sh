@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Scaling laws (SPEC §13.3): for each FLOP budget, train several depths to exactly that budget
+# Scaling laws: for each FLOP budget, train several depths to exactly that budget
 # (--target-flops; the batch size is fixed, so the horizon follows from FLOPs per token) and
 # record what each run reports in its final {"base_train": {...}} JSON line, plus the final CORE
 # metric from its train_log.jsonl, in a CSV. Runs already in the CSV are skipped, so an

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The speedrun (SPEC §13.1): tokenizer, a d24 base model, SFT and evaluation on one 8-GPU node,
+# The speedrun: tokenizer, a d24 base model, SFT and evaluation on one 8-GPU node,
 # with the report card written at the end (report.md here, report.{md,html} + plots in
 # $NANOCHAT_BASE_DIR/report/). Run from the repository root, ideally inside screen/tmux:
 #     bash runs/speedrun.sh

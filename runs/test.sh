@@ -5,13 +5,13 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 VENV="${NANOCHAT_VENV:-.venv}"
-TORCH_SPEC="${NANOCHAT_TORCH:-torch==2.13.0}"   # pin, so pip never swaps in a different (multi-GB) build
+TORCH_PIN="${NANOCHAT_TORCH:-torch==2.13.0}"   # pin, so pip never swaps in a different (multi-GB) build
 
 [ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
 # shellcheck disable=SC1091
 source "$VENV/bin/activate"
 python -m pip install --quiet --upgrade pip
-python -c "import torch" 2>/dev/null || python -m pip install --quiet "$TORCH_SPEC"
+python -c "import torch" 2>/dev/null || python -m pip install --quiet "$TORCH_PIN"
 python -m pip install --quiet -e ".[dev]"
 
 ruff check .

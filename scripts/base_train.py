@@ -1,5 +1,5 @@
-"""Pretrain the base model (SPEC §4). One dial, --depth, sizes the model; the horizon, batch
-size, learning rates and weight decay follow from it (SPEC §4.3).
+"""Pretrain the base model. One dial, --depth, sizes the model; the horizon, batch size,
+learning rates and weight decay follow from it (docs/training.md, "Scaling rules").
 
     python -m scripts.base_train --depth=4 --max-seq-len=256 --device-batch-size=8 --total-batch-size=4096
     torchrun --standalone --nproc_per_node=8 -m scripts.base_train -- --depth=24
@@ -14,41 +14,23 @@ import os
 os.environ.setdefault("PYTORCH_ALLOC_CONF", "expandable_segments:True")
 
 import argparse  # noqa: E402
-import gc  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
-import time  # noqa: E402
 
 import torch  # noqa: E402
-import torch.distributed as dist  # noqa: E402
 
-from nanochat.checkpoint import (  # noqa: E402
-    append_log,
-    check_state_dict_fits,
-    find_last_step,
-    get_checkpoints_root,
-    load_checkpoint,
-    patch_model_config,
-    rng_state,
-    save_checkpoint,
-    set_rng_state,
-    truncate_log,
-)
+from nanochat.checkpoint import append_log, get_checkpoints_root  # noqa: E402
 from nanochat.common import (  # noqa: E402
     COMPUTE_DTYPE,
     NanochatError,
-    StopRequest,
     check_free_space,
     compute_cleanup,
     compute_init,
     fit_horizon,
     get_base_dir,
     init_wandb,
-    mfu_denominator,
-    mfu_percent,
     print0,
     run_main,
-    training_session,
 )
 from nanochat.dataloader import estimate_split_tokens, split_batches  # noqa: E402
 from nanochat.dataloader import tokenizing_distributed_data_loader_with_state_bos_bestfit as make_loader  # noqa: E402
@@ -65,6 +47,7 @@ from nanochat.optim import (  # noqa: E402
 )
 from nanochat.report import get_report  # noqa: E402
 from nanochat.tokenizer import get_token_bytes, get_tokenizer  # noqa: E402
+from nanochat.training import Checkpointer, StepMeter, StopRequest, interpreter_restored  # noqa: E402
 
 SAMPLE_PROMPTS = [
     "The capital of France is",
@@ -76,7 +59,7 @@ SAMPLE_PROMPTS = [
     "If 5*x + 3 = 13, then x is",
 ]
 
-B_REF = 2**19  # the d12 reference batch in tokens (SPEC §4.3)
+B_REF = 2**19  # tokens per step of the d12 run the other hyperparameters were tuned at
 
 
 def parse_args(argv=None):
@@ -123,7 +106,7 @@ def parse_args(argv=None):
     p.add_argument("--core-metric-max-per-task", type=int, default=500)
     p.add_argument("--sample-every", type=int, default=2000, help="-1: off")
     p.add_argument("--bundle-dir", default=None, help="CORE eval bundle: unzipped folder, .zip or URL (default: download once)")
-    # ours
+    # data, compute and measurement
     p.add_argument("--data-dir", default=None, help="folder of parquet shards (default: NANOCHAT_DATA_DIR or the downloaded ones)")
     p.add_argument("--compile", type=int, default=1, help="torch.compile the model (1) or not (0)")
     p.add_argument("--activation-checkpointing", action="store_true", help="recompute blocks in backward: less memory, ~30%% more compute")
@@ -132,7 +115,7 @@ def parse_args(argv=None):
 
 
 def config_for(args, depth, vocab_size):
-    """The GPTConfig --depth stands for (SPEC §1.2): width rounded up to whole heads."""
+    """The GPTConfig --depth stands for: width depth * aspect_ratio, rounded up to whole heads."""
     return GPTConfig.from_depth(depth, args.aspect_ratio, args.head_dim, sequence_len=args.max_seq_len,
                                 vocab_size=vocab_size, window_pattern=args.window_pattern)
 
@@ -176,7 +159,7 @@ def sample(model, tokenizer, device, max_tokens=16):
 
 def main(argv=None):
     args = parse_args(argv)
-    with training_session():
+    with interpreter_restored():
         return train(args)
 
 
@@ -184,7 +167,6 @@ def train(args):
     user_config = dict(vars(args))
     ddp, rank, local_rank, world_size, device = compute_init(args.device_type)
     master = rank == 0
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
     # precision / kernels notes
     from nanochat import attention
@@ -219,8 +201,13 @@ def train(args):
     flops_per_token = model.estimate_flops()
     print0(f"Estimated FLOPs per token: {flops_per_token:e}")
 
-    # horizon, batch size, LR and weight decay from the one dial (SPEC §4.3)
-    n_scaling = counts["transformer_matrices"] + counts["lm_head"]
+    # Horizon, batch size, LR and weight decay from the one dial. The hyperparameters were tuned
+    # for a d12 model at 2^19 tokens per step; a bigger model trains on more data D, and the
+    # batch that trains best grows as D^0.383 (Bergsma et al. 2025, "Power Lines"). A larger
+    # batch averages away gradient noise, so the LRs grow as sqrt(B / B_REF), the square-root
+    # rule of Adam-like optimizers (Malladi et al. 2022); batch_and_weight_decay explains the
+    # weight decay. Sources and the derivation: docs/training.md, "Scaling rules".
+    n_scaling = counts["transformer_matrices"] + counts["lm_head"]  # embedding lookups cost no matmul
     target_tokens = int(args.target_param_data_ratio * n_scaling)
     total_batch_size, wd_scaled = batch_and_weight_decay(
         args.target_param_data_ratio, n_scaling, scaling_params(config_for(args, 12, vocab_size)),
@@ -254,55 +241,23 @@ def train(args):
     grad_accum_steps = total_batch_size // (tokens_per_micro * world_size)
     print0(f"Tokens per micro-batch per rank: {tokens_per_micro:,}; gradient accumulation steps: {grad_accum_steps}")
 
+    optimizer = model.setup_optimizer(
+        unembedding_lr=args.unembedding_lr * batch_lr_scale, embedding_lr=args.embedding_lr * batch_lr_scale,
+        matrix_lr=args.matrix_lr * batch_lr_scale, weight_decay=wd_scaled, scalar_lr=args.scalar_lr * batch_lr_scale)
+
     # resume
     model_tag = args.model_tag or f"d{args.depth}"
     checkpoint_dir = os.path.join(get_checkpoints_root("base"), model_tag)
     # a checkpoint is the fp32 weights plus about twice that in optimizer state
     check_free_space(get_base_dir(), 12 * counts["total"] * max(1, args.keep_last), "a checkpoint of this model")
-    log_path = os.path.join(checkpoint_dir, "train_log.jsonl")
-    step, loop_state, loader_state, extra, optim_data = 0, {}, None, None, None
+    ckpt = Checkpointer(checkpoint_dir, StopRequest(), rank=rank, world_size=world_size, device=device, ddp=ddp,
+                        save_every=args.save_every, keep_last=args.keep_last)
+    step, meta, extra = 0, {}, {}
     if args.resume_from_step is not None:
-        resume_step = find_last_step(checkpoint_dir) if args.resume_from_step < 0 else args.resume_from_step
-        model_data, optim_data, meta, extra = load_checkpoint(checkpoint_dir, resume_step, device, load_optimizer=True,
-                                                              rank=rank, load_state=True)
-        saved_world = meta.get("world_size", world_size)
-        if saved_world != world_size:
-            raise NanochatError(f"the checkpoint at step {resume_step} was written by {saved_world} process(es) but this "
-                                f"run has {world_size}; resume with the same number of processes (the optimizer state "
-                                f"is sharded per rank).")
-        saved_config = patch_model_config(meta["model_config"])
-        if saved_config != config.__dict__:
-            diff = ", ".join(f"{k}: saved {saved_config.get(k)!r} vs now {v!r}" for k, v in config.__dict__.items()
-                             if saved_config.get(k) != v)
-            hint = ("the tokenizer changed: resume with the tokenizer the run started with" if "vocab_size" in diff
-                    else "pass the same --depth/--aspect-ratio/--head-dim/--max-seq-len/--window-pattern")
-            raise NanochatError(f"the checkpoint's model config differs from this run's ({diff}); {hint}.")
-        model_data = {k.removeprefix("_orig_mod."): v for k, v in model_data.items()}
-        check_state_dict_fits(model_data, model, f"the checkpoint at step {resume_step} in {checkpoint_dir}")
-        # copy into the existing parameters (no assign=True): the optimizer built below must see
-        # the very tensors the model trains
-        model.load_state_dict(model_data, strict=True)
-        del model_data
-        step = meta["step"]
-        loop_state = meta.get("loop_state", {})
-        loader_state = extra["loader"] if extra and "loader" in extra else meta.get("dataloader_state_dict")
-        if extra and "rng" in extra:
-            set_rng_state(extra["rng"], device)
-        if master:
-            truncate_log(log_path, step)
-        print0(f"Resumed from step {step} of {checkpoint_dir}")
-
-    optimizer = model.setup_optimizer(
-        unembedding_lr=args.unembedding_lr * batch_lr_scale, embedding_lr=args.embedding_lr * batch_lr_scale,
-        matrix_lr=args.matrix_lr * batch_lr_scale, weight_decay=wd_scaled, scalar_lr=args.scalar_lr * batch_lr_scale)
-    if optim_data is not None:
-        try:
-            optimizer.load_state_dict(optim_data)  # NanochatError itself if the shard has another rank layout
-        except (ValueError, KeyError, TypeError, RuntimeError) as e:
-            raise NanochatError(f"the optimizer shard of rank {rank} at step {resume_step} does not fit this run's "
-                                f"optimizer ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); resume "
-                                f"with the same flags, or start a new run from the weights.") from None
-        del optim_data
+        step, meta, extra = ckpt.resume(args.resume_from_step, model, optimizer, config,
+                                        "pass the same --depth/--aspect-ratio/--head-dim/--max-seq-len/--window-pattern")
+    loader_state = extra.get("loader", meta.get("dataloader_state_dict"))
+    loop_state = meta.get("loop_state", {})
 
     orig_model = model
     if args.compile:
@@ -332,16 +287,10 @@ def train(args):
     # the position after the last batch trained on: resuming from it yields the current batch again
     trained_loader_state = loader_state
 
-    # MFU denominator
-    peak_flops = mfu_denominator(device, args.peak_flops)
-
+    meter = StepMeter(ckpt.log_path, device=device, ddp=ddp, world_size=world_size, master=master, wandb_run=wandb_run,
+                      peak_flops=args.peak_flops, wandb_every=100, start_step=step, loop_state=loop_state)
     min_val_bpb = loop_state.get("min_val_bpb", float("inf"))
-    smooth_train_loss = loop_state.get("smooth_train_loss", 0.0)
-    total_training_time = loop_state.get("total_training_time", 0.0)
     val_bpb = None
-    stop = StopRequest()
-    resume_step = step
-    ema_beta = 0.9
     scaler = grad_scaler(device)  # loss scaling under fp16
 
     while True:
@@ -355,7 +304,7 @@ def train(args):
             print0(f"Step {step:05d} | Validation bpb: {val_bpb:.6f}")
             wandb_run.log({"step": step, "total_training_flops": flops_so_far, "val/bpb": val_bpb})
             if master:
-                append_log(log_path, {"step": step, "val_bpb": val_bpb})
+                append_log(ckpt.log_path, {"step": step, "val_bpb": val_bpb})
             model.train()
 
         if args.core_metric_every > 0 and (last_step or (step > 0 and step % args.core_metric_every == 0)):
@@ -368,7 +317,7 @@ def train(args):
             wandb_run.log({"step": step, "core_metric": core["core_metric"],
                            "centered_results": core["centered_results"]})
             if master:
-                append_log(log_path, {"step": step, "core_metric": core["core_metric"], "core_partial": core["partial"]})
+                append_log(ckpt.log_path, {"step": step, "core_metric": core["core_metric"], "core_partial": core["partial"]})
             orig_model.train()
 
         if master and args.sample_every > 0 and (last_step or (step > 0 and step % args.sample_every == 0)):
@@ -376,39 +325,23 @@ def train(args):
             sample(orig_model, tokenizer, device)
             orig_model.train()
 
-        stop_now = stop.requested(device, ddp) and step > resume_step
-        save_now = last_step or stop_now or (
-            args.save_every > 0 and step > 0 and step % args.save_every == 0 and step != resume_step)
-        if save_now:
-            save_checkpoint(
-                checkpoint_dir, step, orig_model.state_dict(), optimizer.state_dict(),
-                {
-                    "step": step,
-                    "val_bpb": val_bpb,
-                    "model_config": config.__dict__,
-                    "user_config": user_config,
-                    "device_batch_size": args.device_batch_size,
-                    "max_seq_len": args.max_seq_len,
-                    "total_batch_size": total_batch_size,
-                    "world_size": world_size,
-                    "dataloader_state_dict": trained_loader_state,
-                    "loop_state": {"min_val_bpb": min_val_bpb, "smooth_train_loss": smooth_train_loss,
-                                   "total_training_time": total_training_time},
-                },
-                rank=rank, extra_state={"loader": trained_loader_state, "rng": rng_state(device)},
-                keep_last=args.keep_last,
-            )
+        if ckpt.due(step, last_step):
+            ckpt.save(step, orig_model, optimizer, {
+                "val_bpb": val_bpb,
+                "model_config": config.__dict__,
+                "user_config": user_config,
+                "device_batch_size": args.device_batch_size,
+                "max_seq_len": args.max_seq_len,
+                "total_batch_size": total_batch_size,
+                "dataloader_state_dict": trained_loader_state,
+                "loop_state": {"min_val_bpb": min_val_bpb, **meter.loop_state()},
+            }, extra_state={"loader": trained_loader_state})
         if last_step:
             break
-        if stop_now:
-            print0(f"Stopped at step {step}; resume with --resume-from-step=-1")
-            wandb_run.finish()
-            compute_cleanup()
-            raise SystemExit(128 + stop.signum)
+        ckpt.exit_if_stopping(step, wandb_run)
 
         # ---- one optimizer step ----
-        sync()
-        t0 = time.time()
+        meter.start()
         loss_sum = torch.zeros((), device=device, dtype=torch.float32)
         for _ in range(grad_accum_steps):
             loss = model(x, y)
@@ -427,48 +360,19 @@ def train(args):
                 group["weight_decay"] = muon_wd
         optimizer_step(optimizer, scaler)
         model.zero_grad(set_to_none=True)
-        train_loss = loss_sum / grad_accum_steps
-        if ddp:
-            dist.all_reduce(train_loss, op=dist.ReduceOp.AVG if device.type == "cuda" else dist.ReduceOp.SUM)
-            if device.type != "cuda":
-                train_loss /= world_size
-        train_loss = train_loss.item()
-        sync()
-        dt = time.time() - t0
+        train_loss = meter.mean_over_ranks(loss_sum / grad_accum_steps)
 
         # ---- logging ----
-        smooth_train_loss = ema_beta * smooth_train_loss + (1 - ema_beta) * train_loss
-        debiased = smooth_train_loss / (1 - ema_beta ** (step + 1))
-        tok_per_sec = int(total_batch_size / dt)
-        flops_per_sec = flops_per_token * total_batch_size / dt
-        mfu = mfu_percent(flops_per_sec, peak_flops * world_size)
-        if step > 10:
-            total_training_time += dt
-        done = step + 1 - resume_step
-        eta_min = (num_iterations - step - 1) * (total_training_time / max(1, done - 11)) / 60 if done > 11 else float("nan")
+        debiased = meter.smoothed(train_loss, step)
         epoch = next_loader_state.get("epoch", "?") if isinstance(next_loader_state, dict) else "?"
-        mfu_text = f"{mfu:.2f}" if mfu is not None else "n/a"
-        print0(f"step {step:05d}/{num_iterations:05d} ({100 * step / num_iterations:.2f}%) | loss: {debiased:.6f} | "
-               f"lrm: {lrm:.2f} | dt: {dt * 1000:.2f}ms | tok/sec: {tok_per_sec:,} | mfu: {mfu_text} | "
-               f"epoch: {epoch} | total time: {total_training_time / 60:.2f}m | eta: {eta_min:.1f}m")
-        if master:
-            append_log(log_path, {"step": step, "loss": train_loss, "smooth_loss": debiased, "lrm": lrm, "dt": dt,
-                                  "tok_per_sec": tok_per_sec, "mfu": mfu})
-        if step % 100 == 0:
-            wandb_run.log({"step": step, "total_training_flops": flops_so_far, "total_training_time": total_training_time,
-                           "train/loss": debiased, "train/lrm": lrm, "train/dt": dt, "train/tok_per_sec": tok_per_sec,
-                           "train/mfu": mfu, "train/epoch": epoch})
+        meter.log(step, (step + 1) / num_iterations, {"loss": f"{debiased:.6f}", "lrm": f"{lrm:.2f}", "epoch": epoch},
+                  {"loss": train_loss, "smooth_loss": debiased, "lrm": lrm}, total_batch_size,
+                  flops_per_token * total_batch_size, horizon=num_iterations)
         step += 1
-        # after the first step: freeze what exists so the collector never walks it again
-        if step == resume_step + 1:
-            gc.collect()
-            gc.freeze()
-            gc.disable()
-        elif step % 5000 == 0:
-            gc.collect()
 
     peak_mem = torch.cuda.max_memory_allocated() / 1024**2 if device.type == "cuda" else float("nan")
     print0(f"Peak memory usage: {peak_mem:.2f}MiB")
+    total_training_time = meter.training_time
     print0(f"Total training time: {total_training_time / 60:.2f}m")
     print0(f"Minimum validation bpb: {min_val_bpb:.6f}" if math.isfinite(min_val_bpb) else "No validation ran")
     summary = {

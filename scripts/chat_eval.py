@@ -76,8 +76,6 @@ def main(argv=None):
     t0 = time.time()
     if args.data_dir:
         args.data_dir = os.path.abspath(os.path.expanduser(args.data_dir))
-    if args.sandbox:
-        os.environ["NANOCHAT_SANDBOX"] = args.sandbox
     ddp, rank, local_rank, world_size, device = compute_init(args.device_type)
     model_tag = os.path.abspath(args.hf_path) if args.hf_path else args.model_tag
     model, tokenizer, meta = load_model(args.source, device, "eval", model_tag=model_tag, step=args.step)
@@ -96,7 +94,8 @@ def main(argv=None):
             results[name] = run_chat_eval(name, model, tokenizer, engine, batch_size=args.batch_size,
                                           num_samples=args.num_samples, max_new_tokens=args.max_new_tokens,
                                           temperature=args.temperature, top_k=args.top_k,
-                                          max_problems=args.max_problems, data_dir=args.data_dir)
+                                          max_problems=args.max_problems, data_dir=args.data_dir,
+                                          sandbox=args.sandbox)
         except TaskDataMissing as e:
             if args.explicit:
                 raise

@@ -1,4 +1,4 @@
-"""Reinforcement learning on GSM8K (SPEC §9.3): on-policy REINFORCE with group-mean
+"""Reinforcement learning on GSM8K: on-policy REINFORCE with group-mean
 advantages, a simplified GRPO with no KL term, no reference model and no ratio clipping.
 
     python -m scripts.chat_rl                                    # from the latest SFT model
@@ -20,41 +20,17 @@ import os
 os.environ.setdefault("PYTORCH_ALLOC_CONF", "expandable_segments:True")
 
 import argparse  # noqa: E402
-import gc  # noqa: E402
 import json  # noqa: E402
-import time  # noqa: E402
 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from nanochat.checkpoint import (  # noqa: E402
-    append_log,
-    build_model,
-    find_last_step,
-    get_checkpoints_root,
-    load_checkpoint,
-    resolve_checkpoint,
-    rng_state,
-    save_checkpoint,
-    set_rng_state,
-    truncate_log,
-)
-from nanochat.common import (  # noqa: E402
-    NanochatError,
-    StopRequest,
-    compute_cleanup,
-    compute_init,
-    dist_rank_world,
-    init_wandb,
-    mfu_denominator,
-    mfu_percent,
-    print0,
-    run_main,
-    training_session,
-)
+from nanochat.checkpoint import append_log, build_model, get_checkpoints_root, resolve_checkpoint  # noqa: E402
+from nanochat.common import NanochatError, compute_cleanup, compute_init, dist_rank_world, init_wandb, print0, run_main  # noqa: E402
 from nanochat.engine import Engine  # noqa: E402
-from nanochat.optim import grad_scaler, optimizer_step, scale_loss  # noqa: E402
+from nanochat.optim import grad_scaler, lr_multiplier_by_progress, optimizer_step, scale_loss  # noqa: E402
+from nanochat.training import Checkpointer, StepMeter, StopRequest, interpreter_restored  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -85,7 +61,7 @@ def parse_args(argv=None):
     p.add_argument("--keep-last", type=int, default=-1, help="keep only the last K checkpoints (-1: all)")
     p.add_argument("--output-tag", default=None, help="chatrl_checkpoints/<tag> (default: the source model's tag)")
     p.add_argument("--resume-from-step", type=int, default=None, help="resume this RL run from a step; -1 = the latest")
-    p.add_argument("--data-dir", default=None, help="task data folder (sets NANOCHAT_TASK_DATA_DIR)")
+    p.add_argument("--data-dir", default=None, help="task data folder (default: $NANOCHAT_TASK_DATA_DIR)")
     p.add_argument("--peak-flops", type=float, default=-1.0, help="device peak FLOP/s for MFU (default: GPU table, measured on CPU)")
     p.add_argument("--sandbox", choices=["auto", "strict"], default=None,
                    help="strict: refuse to run model code without full isolation (default: $NANOCHAT_SANDBOX, else auto)")
@@ -108,7 +84,7 @@ def rl_loss(model, inputs, targets, advantages, normalizer=1.0):
 
 
 def sampling_seed(step, example_idx, sampling_step):
-    """Seeds depend only on where we are (SPEC §9.3), so a resumed run samples the same answers.
+    """Seeds depend only on where we are, so a resumed run samples the same answers.
     hash() of a tuple of ints does not depend on PYTHONHASHSEED."""
     return hash((step, example_idx, sampling_step)) & 0x7FFFFFFF
 
@@ -185,19 +161,14 @@ def main(argv=None, train_task=None, val_task=None):
     """train_task / val_task replace GSM8K train / test (anything with len(), [i], reward and
     evaluate): tests use a toy task."""
     args = parse_args(argv)
-    with training_session():
+    with interpreter_restored():
         return train(args, train_task, val_task)
 
 
 def train(args, train_task=None, val_task=None):
     user_config = dict(vars(args))
-    if args.data_dir:
-        os.environ["NANOCHAT_TASK_DATA_DIR"] = os.path.abspath(args.data_dir)
-    if args.sandbox:
-        os.environ["NANOCHAT_SANDBOX"] = args.sandbox
     ddp, rank, local_rank, world_size, device = compute_init(args.device_type)
     master = rank == 0
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     wandb_run = init_wandb(args.run, master, "nanochat-rl", user_config)
 
     if args.examples_per_step % world_size != 0:
@@ -223,14 +194,14 @@ def train(args, train_task=None, val_task=None):
     # tasks
     if train_task is None:
         from nanochat.tasks.gsm8k import GSM8K
-        train_task = GSM8K(subset="main", split="train")
+        train_task = GSM8K(subset="main", split="train", data_dir=args.data_dir)
     if val_task is None and args.eval_every > 0:
         from nanochat.tasks.gsm8k import GSM8K
-        val_task = GSM8K(subset="main", split="test")
+        val_task = GSM8K(subset="main", split="test", data_dir=args.data_dir)
     if any(getattr(task, "executes_code", False) for task in (train_task, val_task)):
         from nanochat.execution import check_sandbox
 
-        check_sandbox()  # rewards from model code: fail now if the sandbox cannot start, not reward 0 forever
+        check_sandbox(args.sandbox)  # rewards from model code: fail now if the sandbox cannot start, not reward 0 forever
     num_train = len(train_task)
     num_steps = args.num_iterations if args.num_iterations > 0 else (num_train // args.examples_per_step) * args.num_epochs
     if num_steps <= 0:
@@ -246,42 +217,22 @@ def train(args, train_task=None, val_task=None):
         group["initial_lr"] = group["lr"]
 
     checkpoint_dir = os.path.join(get_checkpoints_root("rl"), output_tag)
-    log_path = os.path.join(checkpoint_dir, "train_log.jsonl")
-    step, loop_state = 0, {}
+    ckpt = Checkpointer(checkpoint_dir, StopRequest(), rank=rank, world_size=world_size, device=device, ddp=ddp,
+                        save_every=args.save_every, keep_last=args.keep_last)
+    step, meta = 0, {}
     if args.resume_from_step is not None:
-        resume_at = find_last_step(checkpoint_dir) if args.resume_from_step < 0 else args.resume_from_step
-        model_data, optim_data, meta, extra = load_checkpoint(checkpoint_dir, resume_at, device, load_optimizer=True,
-                                                              rank=rank, load_state=True)
-        if meta.get("world_size", world_size) != world_size:
-            raise NanochatError(f"the checkpoint was written by {meta['world_size']} processes but this run has "
-                                f"{world_size}; resume with the same number of processes.")
-        if meta["model_config"] != config.__dict__:
-            raise NanochatError("the checkpoint's model config differs from the source model's; pass the "
-                                "-i/--model-tag the run started from.")
-        # copy into the existing parameters: the optimizer already holds them
-        model.load_state_dict({k.removeprefix("_orig_mod."): v for k, v in model_data.items()}, strict=True)
-        optimizer.load_state_dict(optim_data)
-        del model_data, optim_data
-        step = meta["step"]
-        loop_state = meta.get("loop_state", {})
-        if extra and "rng" in extra:
-            set_rng_state(extra["rng"], device)
-        if master:
-            truncate_log(log_path, step)
-        print0(f"Resumed from step {step} of {checkpoint_dir}")
+        step, meta, _ = ckpt.resume(args.resume_from_step, model, optimizer, config,
+                                    "pass the -i/--model-tag the run started from")
+    loop_state = meta.get("loop_state", {})
 
     engine = Engine(model, tokenizer)
     pad_id = tokenizer.encode_special("<|assistant_end|>")  # masked anyway; never a trained target
     flops_per_token = model.estimate_flops()  # forward + backward; a generated token costs about a third
-    peak_flops = mfu_denominator(device, args.peak_flops)
-
-    total_training_time = loop_state.get("total_training_time", 0.0)
+    meter = StepMeter(ckpt.log_path, device=device, ddp=ddp, world_size=world_size, master=master, wandb_run=wandb_run,
+                      peak_flops=args.peak_flops, start_step=step, loop_state=loop_state)
     first_reward = loop_state.get("first_reward")
     last_reward, pass_at_k = loop_state.get("last_reward"), loop_state.get("pass_at_k")
-    stop = StopRequest()
-    resume_step = step
-    session_time, session_steps = 0.0, 0
-    scaler, skipped_steps = grad_scaler(device), 0  # loss scaling under fp16, as in base_train
+    scaler, skipped_steps = grad_scaler(device), 0  # loss scaling under fp16
     if master:
         os.makedirs(checkpoint_dir, exist_ok=True)
 
@@ -296,35 +247,22 @@ def train(args, train_task=None, val_task=None):
             print0(f"Step {step:05d} | " + ", ".join(f"{k}: {v:.4f}" for k, v in pass_at_k.items()))
             wandb_run.log({"step": step, **pass_at_k})
             if master:
-                append_log(log_path, {"step": step, **pass_at_k})
+                append_log(ckpt.log_path, {"step": step, **pass_at_k})
 
-        stop_now = stop.requested(device, ddp) and step > resume_step
-        save_now = last_step or stop_now or (
-            args.save_every > 0 and step > 0 and step % args.save_every == 0 and step != resume_step)
-        if save_now:
-            save_checkpoint(
-                checkpoint_dir, step, model.state_dict(), optimizer.state_dict(),
-                {
-                    "step": step,
-                    "model_config": config.__dict__,
-                    "user_config": user_config,
-                    "world_size": world_size,
-                    "source": {"phase": args.source, "model_tag": model_tag, "step": source_step},
-                    "loop_state": {"total_training_time": total_training_time, "first_reward": first_reward,
-                                   "last_reward": last_reward, "pass_at_k": pass_at_k},
-                },
-                rank=rank, extra_state={"rng": rng_state(device)}, keep_last=args.keep_last,
-            )
+        if ckpt.due(step, last_step):
+            ckpt.save(step, model, optimizer, {
+                "model_config": config.__dict__,
+                "user_config": user_config,
+                "source": {"phase": args.source, "model_tag": model_tag, "step": source_step},
+                "loop_state": {"first_reward": first_reward, "last_reward": last_reward, "pass_at_k": pass_at_k,
+                               **meter.loop_state()},
+            })
         if last_step:
             break
-        if stop_now:
-            print0(f"Stopped at step {step}; resume with --resume-from-step=-1")
-            compute_cleanup()
-            raise SystemExit(128 + stop.signum)
+        ckpt.exit_if_stopping(step, wandb_run)
 
         # ---- one step: rollouts, then the policy gradient ----
-        sync()
-        t0 = time.time()
+        meter.start()
         reward_sum, generated, trained = 0.0, 0, 0
         for i in tqdm(range(examples_per_rank), desc=f"step {step} rollouts", leave=False, disable=not master):
             idx = example_index(step, i, examples_per_rank, rank, world_size, num_train)
@@ -342,7 +280,7 @@ def train(args, train_task=None, val_task=None):
                                normalizer=num_passes * examples_per_rank)
                 scale_loss(loss, scaler).backward()
                 trained += inputs[rows].numel()
-        lrm = 1.0 - step / num_steps
+        lrm = lr_multiplier_by_progress(step / num_steps, 0.0, 1.0, 0.0)  # linear to 0 over the run; momentum stays 0.95
         for group in optimizer.param_groups:
             group["lr"] = group["initial_lr"] * lrm
         if not optimizer_step(optimizer, scaler):
@@ -356,38 +294,19 @@ def train(args, train_task=None, val_task=None):
             dist.all_reduce(stats, op=dist.ReduceOp.SUM)
         mean_reward = stats[0].item() / stats[1].item()
         mean_length = stats[2].item() / stats[1].item()
-        sync()
-        dt = time.time() - t0
 
         # ---- logging ----
         if first_reward is None:
             first_reward = mean_reward
         last_reward = mean_reward
-        total_training_time += dt
-        if step > resume_step:
-            session_time += dt
-            session_steps += 1
-        avg_dt = session_time / session_steps if session_steps else float("nan")
-        eta_min = (num_steps - step - 1) * avg_dt / 60
-        tokens = stats[2].item() + stats[3].item()
         flops = flops_per_token * stats[3].item() + flops_per_token / 3 * stats[2].item()
-        mfu = mfu_percent(flops / dt, peak_flops * world_size)
-        mfu_text = f"{mfu:.2f}" if mfu is not None else "n/a"
-        print0(f"step {step:05d}/{num_steps:05d} ({100 * step / num_steps:.2f}%) | reward: {mean_reward:.4f} | "
-               f"len: {mean_length:.1f} | lrm: {lrm:.3f} | dt: {dt * 1000:.2f}ms | tok/sec: {int(tokens / dt):,} | "
-               f"mfu: {mfu_text} | total time: {total_training_time / 60:.2f}m | eta: {eta_min:.1f}m")
-        if master:
-            append_log(log_path, {"step": step, "reward": mean_reward, "sequence_length": mean_length, "lrm": lrm,
-                                  "dt": dt, "mfu": mfu})
-        wandb_run.log({"step": step, "reward": mean_reward, "sequence_length": mean_length, "lrm": lrm})
+        meter.log(step, (step + 1) / num_steps, {"reward": f"{mean_reward:.4f}", "len": f"{mean_length:.1f}",
+                                                 "lrm": f"{lrm:.3f}"},
+                  {"reward": mean_reward, "sequence_length": mean_length, "lrm": lrm},
+                  stats[2].item() + stats[3].item(), flops, horizon=num_steps)
         step += 1
-        if step == resume_step + 1:
-            gc.collect()
-            gc.freeze()
-            gc.disable()
-        elif step % 5000 == 0:
-            gc.collect()
 
+    total_training_time = meter.training_time
     print0(f"Total training time: {total_training_time / 60:.2f}m")
     summary = {"source": args.source, "model_tag": model_tag, "source_step": source_step, "output_tag": output_tag,
                "steps": step, "training_time_s": total_training_time, "first_reward": first_reward,

@@ -1,11 +1,11 @@
-"""Supervised finetuning (SPEC §9.2): teach the base model the chat format on a mixture of
-conversations, training only on what the assistant writes (SPEC §6.3).
+"""Supervised finetuning: teach the base model the chat format on a mixture of conversations,
+training only on what the assistant writes (the render mask of Tokenizer.render_conversation).
 
     python -m scripts.chat_sft                                   # the full mixture, sizes inherited from the base run
     python -m scripts.chat_sft --mixture=my_chats.jsonl --num-iterations=200 --device-type=cpu
     torchrun --standalone --nproc_per_node=8 -m scripts.chat_sft -- --run=sft
 
-Mixture (mar): SmolTalk train, identity conversations x2, MMLU auxiliary_train x3, GSM8K x4,
+Mixture: SmolTalk train, identity conversations x2, MMLU auxiliary_train x3, GSM8K x4,
 SimpleSpelling 200K, SpellingBee 80K; validation: SmolTalk test, MMLU test[:5200], GSM8K
 test[:420]. A component whose data is absent offline is skipped with one warning line
 (--strict-data makes that an error). --mixture trains on your own conversations instead (JSONL,
@@ -23,31 +23,16 @@ os.environ.setdefault("PYTORCH_ALLOC_CONF", "expandable_segments:True")
 
 import argparse  # noqa: E402
 import contextlib  # noqa: E402
-import gc  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
-import time  # noqa: E402
 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
-from nanochat.checkpoint import (  # noqa: E402
-    append_log,
-    build_model,
-    find_last_step,
-    get_checkpoints_root,
-    load_checkpoint,
-    load_optimizer_state,
-    resolve_checkpoint,
-    rng_state,
-    save_checkpoint,
-    set_rng_state,
-    truncate_log,
-)
+from nanochat.checkpoint import append_log, build_model, get_checkpoints_root, load_optimizer_state, resolve_checkpoint  # noqa: E402
 from nanochat.common import (  # noqa: E402
     COMPUTE_DTYPE,
     NanochatError,
-    StopRequest,
     check_free_space,
     compute_cleanup,
     compute_init,
@@ -55,20 +40,18 @@ from nanochat.common import (  # noqa: E402
     get_base_dir,
     init_wandb,
     iter_jsonl,
-    mfu_denominator,
-    mfu_percent,
     print0,
     run_main,
-    training_session,
 )
 from nanochat.loss_eval import evaluate_bpb, one_pass  # noqa: E402
-from nanochat.optim import grad_scaler, optimizer_step, scale_loss  # noqa: E402
+from nanochat.optim import grad_scaler, lr_multiplier_by_progress, muon_momentum, optimizer_step, scale_loss  # noqa: E402
 from nanochat.tokenizer import check_conversation, get_token_bytes  # noqa: E402
+from nanochat.training import Checkpointer, StepMeter, StopRequest, interpreter_restored  # noqa: E402
 
-MAX_CONVERSATION_TOKENS = 2048  # render_conversation's truncation (SPEC §6.3)
-MUON_MOMENTUM_RAMP = 300  # steps for Muon momentum 0.85 -> 0.95 (SPEC §9.2)
+MAX_CONVERSATION_TOKENS = 2048  # render_conversation's default cut: a longer conversation is truncated
+MUON_MOMENTUM_RAMP = 300  # steps for Muon momentum 0.85 -> 0.95: finetuning starts from trained weights
 
-# ChatCORE tasks and whether each is categorical (SPEC §7.4, mar's six)
+# ChatCORE tasks and whether each is categorical (docs/evaluation.md)
 CHATCORE_TASKS = [("ARC-Easy", True), ("ARC-Challenge", True), ("MMLU", True), ("GSM8K", False),
                   ("HumanEval", False), ("SpellingBee", False)]
 
@@ -107,14 +90,14 @@ def parse_args(argv=None):
     p.add_argument("--identity-file", default=None, help="identity conversations (default base_dir/identity_conversations.jsonl)")
     p.add_argument("--mixture", default=None, help="train on these conversation JSONL files only (comma-separated)")
     p.add_argument("--val-mixture", default=None, help="validate on these JSONL files (with --mixture; default: the train files)")
-    p.add_argument("--data-dir", default=None, help="task data folder (sets NANOCHAT_TASK_DATA_DIR)")
+    p.add_argument("--data-dir", default=None, help="task data folder (default: $NANOCHAT_TASK_DATA_DIR)")
     p.add_argument("--strict-data", action="store_true", help="a mixture component whose data is missing is an error")
     # checkpoints and resume
     p.add_argument("--output-tag", default=None, help="chatsft_checkpoints/<tag> (default: the base model tag)")
     p.add_argument("--resume-from-step", type=int, default=None, help="resume this SFT run from a step; -1 = the latest")
     p.add_argument("--save-every", type=int, default=-1, help="checkpoint cadence in steps (-1: only at the end)")
     p.add_argument("--keep-last", type=int, default=-1, help="keep only the last K checkpoints (-1: all)")
-    # ours
+    # compute and measurement
     p.add_argument("--compile", type=int, default=-1,
                    help="torch.compile the model (1) or not (0); -1: on CUDA only (on a CPU compiling takes "
                         "minutes, longer than a short finetune gains from it)")
@@ -214,10 +197,11 @@ def build_mixtures(args):
     from nanochat.tasks.spellingbee import SimpleSpelling, SpellingBee
 
     identity_path = args.identity_file or os.path.join(get_base_dir(), "identity_conversations.jsonl")
+    d = args.data_dir  # every task gets it; None falls back to $NANOCHAT_TASK_DATA_DIR
     val_components = [
-        ("SmolTalk test", lambda: SmolTalk(split="test")),
-        ("MMLU test[:5200]", lambda: MMLU(subset="all", split="test", stop=5200)),
-        ("GSM8K main test[:420]", lambda: GSM8K(subset="main", split="test", stop=420)),
+        ("SmolTalk test", lambda: SmolTalk(split="test", data_dir=d)),
+        ("MMLU test[:5200]", lambda: MMLU(subset="all", split="test", stop=5200, data_dir=d)),
+        ("GSM8K main test[:420]", lambda: GSM8K(subset="main", split="test", stop=420, data_dir=d)),
     ]
     val_tasks, val_names = _build_components(val_components, args.strict_data, TaskDataMissing)
     # Offline without task data the identity conversations are still there (the pipeline generates
@@ -237,13 +221,13 @@ def build_mixtures(args):
         return CustomJSON(filepath=identity_path, stop=n - held_out) if held_out else CustomJSON(filepath=identity_path)
 
     train_components = [
-        ("SmolTalk train", lambda: SmolTalk(split="train")),
+        ("SmolTalk train", lambda: SmolTalk(split="train", data_dir=d)),
         ("identity conversations", identity),
         ("identity conversations", identity),  # x2: oversampled
-        *[("MMLU auxiliary_train", lambda: MMLU(subset="auxiliary_train", split="train"))] * args.mmlu_epochs,
-        *[("GSM8K main train", lambda: GSM8K(subset="main", split="train"))] * args.gsm8k_epochs,
-        ("SimpleSpelling 200K", lambda: SimpleSpelling(size=200000, split="train")),
-        ("SpellingBee 80K", lambda: SpellingBee(size=80000, split="train")),
+        *[("MMLU auxiliary_train", lambda: MMLU(subset="auxiliary_train", split="train", data_dir=d))] * args.mmlu_epochs,
+        *[("GSM8K main train", lambda: GSM8K(subset="main", split="train", data_dir=d))] * args.gsm8k_epochs,
+        ("SimpleSpelling 200K", lambda: SimpleSpelling(size=200000, split="train", data_dir=d)),
+        ("SpellingBee 80K", lambda: SpellingBee(size=80000, split="train", data_dir=d)),
     ]
     train_tasks, train_names = _build_components(train_components, args.strict_data, TaskDataMissing)
     if not train_tasks:
@@ -275,8 +259,8 @@ class SFTLoader:
 
     Rank r reads conversations r, r+W, r+2W, ... (wrapping around, epoch += 1), renders them
     into a buffer, and fills each row of T+1 tokens with the largest buffered conversation
-    that fits entirely; when none fits, the rest of the row is BOS padding (SPEC §9.2: pad,
-    don't crop). A conversation longer than a row is truncated to the row when rendered (the
+    that fits entirely; when none fits, the rest of the row is BOS padding (pad, never crop:
+    a cropped conversation would teach replies that stop mid-sentence). A conversation longer than a row is truncated to the row when rendered (the
     only way it can be placed; at T=2048 this is render_conversation's own 2048 cut).
     Targets are -1 where the render mask is 0 (everything but the assistant's tokens) and on
     the padding. The state after each batch records the cursor, the epoch, the consumption
@@ -351,24 +335,6 @@ class SFTLoader:
 
 
 # -----------------------------------------------------------------------------
-# Schedules (SPEC §9.2): by progress through the data, not by step
-
-
-def lr_multiplier(progress, warmup_ratio, warmdown_ratio, final_lr_frac):
-    if progress < warmup_ratio:
-        return (progress + 1e-8) / warmup_ratio
-    if progress <= 1.0 - warmdown_ratio:
-        return 1.0
-    decay = min(1.0, (progress - (1.0 - warmdown_ratio)) / warmdown_ratio)
-    return (1.0 - decay) + decay * final_lr_frac
-
-
-def muon_momentum(step):
-    frac = min(step / MUON_MOMENTUM_RAMP, 1.0)
-    return (1 - frac) * 0.85 + frac * 0.95
-
-
-# -----------------------------------------------------------------------------
 # ChatCORE
 
 
@@ -405,21 +371,18 @@ def run_chatcore(model, tokenizer, args, batch_size):
 
 def main(argv=None):
     args = parse_args(argv)
-    with training_session():
+    with interpreter_restored():
         return train(args)
 
 
 def train(args):
     user_config = dict(vars(args))
-    if args.data_dir:
-        os.environ["NANOCHAT_TASK_DATA_DIR"] = os.path.abspath(args.data_dir)
     ddp, rank, local_rank, world_size, device = compute_init(args.device_type)
     master = rank == 0
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     print0(f"COMPUTE_DTYPE: {COMPUTE_DTYPE}")
     wandb_run = init_wandb(args.run, master, "nanochat-sft", user_config)
 
-    # the base model, and what SFT inherits from its run (SPEC §9.2)
+    # the base model, and what SFT inherits from its run: sizes and LRs (without its batch scaling)
     try:
         base_dir, base_step = resolve_checkpoint("base", args.model_tag, args.model_step)
     except NanochatError as e:
@@ -478,33 +441,17 @@ def train(args):
     checkpoint_dir = os.path.join(get_checkpoints_root("sft"), output_tag)
     n_params = sum(p.numel() for p in model.parameters())  # fp32 weights and about twice that in optimizer state
     check_free_space(get_base_dir(), 12 * n_params * max(1, args.keep_last), "a checkpoint of this model")
-    log_path = os.path.join(checkpoint_dir, "train_log.jsonl")
-    step, loop_state, loader_state = 0, {}, None
+    ckpt = Checkpointer(checkpoint_dir, StopRequest(), rank=rank, world_size=world_size, device=device, ddp=ddp,
+                        save_every=args.save_every, keep_last=args.keep_last)
+    step, meta, loader_state = 0, {}, None
     if args.resume_from_step is not None:
-        resume_step = find_last_step(checkpoint_dir) if args.resume_from_step < 0 else args.resume_from_step
-        model_data, optim_data, meta, extra = load_checkpoint(checkpoint_dir, resume_step, device, load_optimizer=True,
-                                                              rank=rank, load_state=True)
-        if meta.get("world_size", world_size) != world_size:
-            raise NanochatError(f"the checkpoint was written by {meta['world_size']} processes but this run has "
-                                f"{world_size}; resume with the same number of processes.")
-        if meta["model_config"] != config.__dict__:
-            raise NanochatError(f"the checkpoint's model config differs from base model {model_tag}'s; "
-                                f"pass the --model-tag the run started from.")
-        # copy into the existing parameters (no assign=True): the optimizer already holds them
-        model.load_state_dict({k.removeprefix("_orig_mod."): v for k, v in model_data.items()}, strict=True)
-        optimizer.load_state_dict(optim_data)
-        del model_data, optim_data
-        step = meta["step"]
-        loop_state = meta.get("loop_state", {})
-        if not extra or "loader" not in extra:
-            raise NanochatError(f"step {resume_step} in {checkpoint_dir} has no loader state for rank {rank}; "
+        step, meta, extra = ckpt.resume(args.resume_from_step, model, optimizer, config,
+                                        "pass the --model-tag the run started from")
+        if "loader" not in extra:
+            raise NanochatError(f"step {step} in {checkpoint_dir} has no loader state for rank {rank}; "
                                 f"resume from another step.")
         loader_state = extra["loader"]
-        if "rng" in extra:
-            set_rng_state(extra["rng"], device)
-        if master:
-            truncate_log(log_path, step)
-        print0(f"Resumed from step {step} of {checkpoint_dir}")
+    loop_state = meta.get("loop_state", {})
 
     orig_model = model
     if args.compile == 1 or (args.compile < 0 and device.type == "cuda"):
@@ -529,19 +476,13 @@ def train(args):
     trained_loader_state = loader_state  # the position after the last batch trained on
 
     flops_per_token = orig_model.estimate_flops()
-    peak_flops = mfu_denominator(device, args.peak_flops)
-
+    meter = StepMeter(ckpt.log_path, device=device, ddp=ddp, world_size=world_size, master=master, wandb_run=wandb_run,
+                      peak_flops=args.peak_flops, wandb_every=10, start_step=step, loop_state=loop_state)
     min_val_bpb = loop_state.get("min_val_bpb", float("inf"))
     initial_val_bpb = loop_state.get("initial_val_bpb")
-    smooth_train_loss = loop_state.get("smooth_train_loss", 0.0)
-    total_training_time = loop_state.get("total_training_time", 0.0)
     chatcore_value = loop_state.get("chatcore")
     val_bpb = None
-    stop = StopRequest()
-    resume_step = step
-    ema_beta = 0.9
-    session_time, session_steps = 0.0, 0
-    scaler, skipped_steps = grad_scaler(device), 0  # loss scaling under fp16, as in base_train
+    scaler, skipped_steps = grad_scaler(device), 0  # loss scaling under fp16
     if master:
         os.makedirs(checkpoint_dir, exist_ok=True)
 
@@ -569,7 +510,7 @@ def train(args):
             print0(f"Step {step:05d} | Validation bpb: {val_bpb:.6f}")
             wandb_run.log({"step": step, "val/bpb": val_bpb})
             if master:
-                append_log(log_path, {"step": step, "val_bpb": val_bpb})
+                append_log(ckpt.log_path, {"step": step, "val_bpb": val_bpb})
             model.train()
 
         if args.chatcore_every > 0 and (last_step or (step > 0 and step % args.chatcore_every == 0)):
@@ -583,42 +524,27 @@ def train(args):
                 wandb_run.log({"step": step, "chatcore_metric": core["chatcore"], "chatcore_cat": core["chatcore_cat"],
                                **{f"chatcore/{k}": v for k, v in core["results"].items()}})
                 if master:
-                    append_log(log_path, {"step": step, **core})
+                    append_log(ckpt.log_path, {"step": step, **core})
 
-        stop_now = stop.requested(device, ddp) and step > resume_step
-        save_now = last_step or stop_now or (
-            args.save_every > 0 and step > 0 and step % args.save_every == 0 and step != resume_step)
-        if save_now:
-            save_checkpoint(
-                checkpoint_dir, step, orig_model.state_dict(), optimizer.state_dict(),
-                {
-                    "step": step,
-                    "val_bpb": val_bpb,
-                    "model_config": config.__dict__,
-                    "user_config": user_config,
-                    "device_batch_size": device_batch_size,
-                    "max_seq_len": max_seq_len,
-                    "total_batch_size": total_batch_size,
-                    "world_size": world_size,
-                    "base": {"model_tag": model_tag, "step": base_step},
-                    "dataloader_state_dict": trained_loader_state,
-                    "loop_state": {"min_val_bpb": min_val_bpb, "initial_val_bpb": initial_val_bpb,
-                                   "smooth_train_loss": smooth_train_loss, "total_training_time": total_training_time,
-                                   "chatcore": chatcore_value},
-                },
-                rank=rank, extra_state={"loader": trained_loader_state, "rng": rng_state(device)},
-                keep_last=args.keep_last,
-            )
+        if ckpt.due(step, last_step):
+            ckpt.save(step, orig_model, optimizer, {
+                "val_bpb": val_bpb,
+                "model_config": config.__dict__,
+                "user_config": user_config,
+                "device_batch_size": device_batch_size,
+                "max_seq_len": max_seq_len,
+                "total_batch_size": total_batch_size,
+                "base": {"model_tag": model_tag, "step": base_step},
+                "dataloader_state_dict": trained_loader_state,
+                "loop_state": {"min_val_bpb": min_val_bpb, "initial_val_bpb": initial_val_bpb,
+                               "chatcore": chatcore_value, **meter.loop_state()},
+            }, extra_state={"loader": trained_loader_state})
         if last_step:
             break
-        if stop_now:
-            print0(f"Stopped at step {step}; resume with --resume-from-step=-1")
-            compute_cleanup()
-            raise SystemExit(128 + stop.signum)
+        ckpt.exit_if_stopping(step, wandb_run)
 
         # ---- one optimizer step ----
-        sync()
-        t0 = time.time()
+        meter.start()
         loss_sum = torch.zeros((), device=device, dtype=torch.float32)
         for _ in range(grad_accum_steps):
             # mean over the supervised targets; a micro-batch with none contributes 0, not nan
@@ -628,8 +554,9 @@ def train(args):
             scale_loss(loss / grad_accum_steps, scaler).backward()
             trained_loader_state = next_loader_state
             x, y, next_loader_state = next(train_loader)  # prefetch while the device works
-        lrm = lr_multiplier(progress, args.warmup_ratio, args.warmdown_ratio, args.final_lr_frac)
-        momentum = muon_momentum(step)
+        # by progress through the data, not by step: with no --num-iterations the step count is unknown
+        lrm = lr_multiplier_by_progress(progress, args.warmup_ratio, args.warmdown_ratio, args.final_lr_frac)
+        momentum = muon_momentum(step, warmup=MUON_MOMENTUM_RAMP, peak=0.95)
         for group in optimizer.param_groups:
             group["lr"] = group["initial_lr"] * lrm
             if group["kind"] == "muon":
@@ -638,49 +565,18 @@ def train(args):
             skipped_steps += 1
             print0(f"step {step:05d}: inf/NaN gradients under fp16, step skipped (loss scale now {scaler.get_scale():g})")
         model.zero_grad(set_to_none=True)
-        train_loss = loss_sum / grad_accum_steps
-        if ddp:
-            dist.all_reduce(train_loss, op=dist.ReduceOp.SUM)
-            train_loss /= world_size
-        train_loss = train_loss.item()
-        sync()
-        dt = time.time() - t0
+        train_loss = meter.mean_over_ranks(loss_sum / grad_accum_steps)
 
         # ---- logging ----
-        smooth_train_loss = ema_beta * smooth_train_loss + (1 - ema_beta) * train_loss
-        debiased = smooth_train_loss / (1 - ema_beta ** (step + 1))
-        tok_per_sec = int(total_batch_size / dt)
-        mfu = mfu_percent(flops_per_token * total_batch_size / dt, peak_flops * world_size)
-        if step > 10:
-            total_training_time += dt
-        if step > resume_step:  # the first step of a session includes warm-up: leave it out of the ETA
-            session_time += dt
-            session_steps += 1
-        avg_dt = session_time / session_steps if session_steps else float("nan")
-        if args.num_iterations > 0:
-            horizon = f"{step:05d}/{args.num_iterations:05d}"
-            eta_min = (args.num_iterations - step - 1) * avg_dt / 60
-        else:
-            horizon = f"{step:05d}"
-            eta_min = (step + 1) * (1 - progress) / max(progress, 1e-9) * avg_dt / 60
-        mfu_text = f"{mfu:.2f}" if mfu is not None else "n/a"
-        print0(f"step {horizon} ({100 * progress:.2f}%) | loss: {debiased:.6f} | lrm: {lrm:.2f} | "
-               f"dt: {dt * 1000:.2f}ms | tok/sec: {tok_per_sec:,} | mfu: {mfu_text} | epoch: {next_loader_state['epoch']} | "
-               f"total time: {total_training_time / 60:.2f}m | eta: {eta_min:.1f}m")
-        if master:
-            append_log(log_path, {"step": step, "loss": train_loss, "smooth_loss": debiased, "lrm": lrm,
-                                  "progress": progress, "dt": dt, "tok_per_sec": tok_per_sec, "mfu": mfu})
-        if step % 10 == 0:
-            wandb_run.log({"step": step, "train/loss": debiased, "train/lrm": lrm, "train/dt": dt,
-                           "train/tok_per_sec": tok_per_sec, "train/mfu": mfu, "train/progress": progress})
+        debiased = meter.smoothed(train_loss, step)
+        horizon = args.num_iterations if args.num_iterations > 0 else None
+        done = (step + 1) / horizon if horizon else progress
+        meter.log(step, done, {"loss": f"{debiased:.6f}", "lrm": f"{lrm:.2f}", "epoch": next_loader_state["epoch"]},
+                  {"loss": train_loss, "smooth_loss": debiased, "lrm": lrm, "progress": progress}, total_batch_size,
+                  flops_per_token * total_batch_size, horizon=horizon)
         step += 1
-        if step == resume_step + 1:
-            gc.collect()
-            gc.freeze()
-            gc.disable()
-        elif step % 5000 == 0:
-            gc.collect()
 
+    total_training_time = meter.training_time
     print0(f"Total training time: {total_training_time / 60:.2f}m")
     print0(f"Minimum validation bpb: {min_val_bpb:.6f}")
     summary = {"model_tag": model_tag, "base_step": base_step, "output_tag": output_tag, "steps": step,

@@ -97,10 +97,8 @@ def main(argv=None):
     from nanochat.server.run import uvicorn_config
 
     args = parse_args(argv)
-    if args.sandbox:
-        os.environ["NANOCHAT_SANDBOX"] = args.sandbox
-    if sandbox_mode() == "strict":  # serve only where model code would run fully isolated
-        check_sandbox()
+    if (args.sandbox or sandbox_mode()) == "strict":  # serve only where model code would run fully isolated
+        check_sandbox("strict")
     model_tag = os.path.abspath(args.hf_path) if args.hf_path else args.model_tag
     engines, tokenizer, devices, model_name = load_engines(args.num_gpus, args.source, args.device_type,
                                                            model_tag, args.step)

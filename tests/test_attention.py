@@ -1,4 +1,4 @@
-"""Attention backends (SPEC §2) and the KV cache (SPEC §10.1), checked against attention
+"""Attention backends and the KV cache, checked against attention
 computed by hand with an explicit mask."""
 
 import importlib
@@ -18,7 +18,7 @@ torch.set_num_threads(1)
 
 
 def reference_attention(q, k, v, left=-1, scale=None):
-    """Dense attention in float64 with the SPEC §2 mask: query row r sits at absolute position
+    """Dense attention in float64 with the causal (and windowed) mask: query row r sits at absolute position
     (Tk - Tq) + r and sees key c iff c <= row and (if left >= 0) row - c <= left."""
     B, Tq, H, D = q.shape
     Tk, Hkv = k.size(1), k.size(2)
@@ -377,7 +377,7 @@ def test_window_mask_first_built_under_inference_mode_still_trains():
 
 
 # -----------------------------------------------------------------------------
-# KVCache (SPEC §10.1)
+# KVCache
 
 
 def test_kvcache_shapes_views_advance_reset():

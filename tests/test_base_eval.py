@@ -106,7 +106,7 @@ def test_all_three_evals_in_process(tiny_run, capsys):
 
 
 def test_core_modes_agree(tiny_run, capsys):
-    """Upstream's one full forward per example, the CPU default (shared prefix) and packing give
+    """The original nanochat's one full forward per example, the CPU default (shared prefix) and packing give
     the same CORE results."""
     common = ["--device-type=cpu", "--eval=core", f"--bundle-dir={tiny_run['bundle']}"]
     results = []

@@ -1,4 +1,4 @@
-"""scripts/base_train.py end to end on tiny CPU models (SPEC §4): an interrupted and resumed run
+"""scripts/base_train.py end to end on tiny CPU models: an interrupted and resumed run
 equals the uninterrupted one bit for bit; SIGTERM saves a complete checkpoint and exits 143;
 2 gloo ranks under torchrun equal 1 process with twice the gradient accumulation; the loss falls
 on real text; bad input fails with one clear line and leaves no checkpoint behind.
@@ -81,7 +81,7 @@ def checkpoint_files(tag):
 
 
 class StopAtStep:
-    """Stands in for common.StopRequest: reports a SIGTERM at loop pass `k` (step k), as if the
+    """Stands in for training.StopRequest: reports a SIGTERM at loop pass `k` (step k), as if the
     signal had arrived during step k-1, so the real save-and-exit path runs at a known step."""
 
     def __init__(self, k):
@@ -265,7 +265,7 @@ def test_loss_falls_on_real_text_then_evaluates_samples_and_saves():
     texts = [t for batch in parquets_iter_batched("train", data_dir=data_dir) for t in batch][:1500]
     make_tokenizer(base_dir(), texts, vocab_size=512)
     steps = 60
-    # 10x the default LRs: at a 1024-token batch the batch scaling (SPEC §4.3) leaves them tiny
+    # 10x the default LRs: at a 1024-token batch the batch scaling (sqrt(B / 2^19)) leaves them tiny
     args = tiny_train_args(data_dir, depth=2, steps=steps, model_tag="real", seq_len=128, device_batch_size=8,
                            total_batch_size=1024, eval_every=steps,
                            extra=["--warmup-steps=5", f"--sample-every={steps}", "--eval-tokens=8192",
@@ -377,7 +377,7 @@ def test_resume_refuses_another_world_size_config_or_tokenizer(tiny_data, capsys
 
 
 # ---------------------------------------------------------------------------------------------
-# bits per byte (nanochat/loss_eval.py, SPEC §7.1)
+# bits per byte (nanochat/loss_eval.py)
 
 
 def test_evaluate_bpb_counts_only_bytes_of_real_targets():

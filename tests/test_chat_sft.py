@@ -290,13 +290,6 @@ def test_missing_base_checkpoint_is_a_clear_error(tmp_path, monkeypatch):
         chat_sft.main(["--device-type=cpu", "--compile=0", "--mixture=x.jsonl"])
 
 
-def test_lr_schedule_by_progress():
-    f = chat_sft.lr_multiplier
-    assert f(0.0, 0.0, 0.5, 0.0) == 1.0 and f(0.5, 0.0, 0.5, 0.0) == 1.0
-    assert f(0.75, 0.0, 0.5, 0.0) == pytest.approx(0.5) and f(1.0, 0.0, 0.5, 0.0) == 0.0
-    assert f(0.05, 0.1, 0.5, 0.0) == pytest.approx(0.5)
-    assert chat_sft.muon_momentum(0) == 0.85 and chat_sft.muon_momentum(150) == pytest.approx(0.9)
-    assert chat_sft.muon_momentum(300) == chat_sft.muon_momentum(1000) == pytest.approx(0.95)
 
 
 def _task_data(root):

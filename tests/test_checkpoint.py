@@ -1,7 +1,7 @@
-"""nanochat/checkpoint.py (SPEC §12.2): save/load round trips with per-rank shards, finding the
+"""nanochat/checkpoint.py: save/load round trips with per-rank shards, finding the
 latest step, keep-last pruning, clear errors for damaged or mismatched checkpoints, the
 conversions inference loading does (bf16 -> fp32 on CPU, `_orig_mod.`, patched old fields),
-and loading a checkpoint written in upstream nanochat's layout with plain torch.save/json."""
+and loading a checkpoint written in the original nanochat's layout with plain torch.save/json."""
 
 import json
 import os
@@ -98,7 +98,7 @@ def test_round_trip_with_optimizer_shards_per_rank_meta_and_extra_state(tmp_path
     assert sorted(os.listdir(directory)) == ["meta_000007.json", "model_000007.pt", "optim_000007_rank0.pt",
                                              "optim_000007_rank1.pt", "state_000007_rank0.pt", "state_000007_rank1.pt"]
     with open(os.path.join(directory, "meta_000007.json")) as f:
-        assert f.read().startswith('{\n  "step": 7')  # indent 2, as upstream
+        assert f.read().startswith('{\n  "step": 7')  # indent 2, as the original nanochat writes it
 
     for r in (0, 1):
         model_data, optim_data, loaded_meta, extra = load_checkpoint(directory, 7, "cpu", load_optimizer=True, rank=r,
@@ -291,8 +291,8 @@ def test_old_checkpoints_get_window_pattern_and_residual_scalars_patched(tokeniz
     assert torch.equal(loaded(x), model(x))
 
 
-def upstream_state_dict_names(n_layer):
-    """The parameter names of upstream nanochat's GPT (SPEC §1, §12.2), written out by hand."""
+def original_state_dict_names(n_layer):
+    """The parameter names of the original nanochat's GPT, written out by hand."""
     names = ["transformer.wte.weight", "lm_head.weight", "resid_lambdas", "x0_lambdas", "smear_gate.weight",
              "smear_lambda", "backout_lambda"]
     for i in range(n_layer):
@@ -304,9 +304,9 @@ def upstream_state_dict_names(n_layer):
     return names
 
 
-def test_upstream_layout_checkpoint_loads_and_gives_the_same_logits(tokenizer):
-    """A checkpoint as upstream's base_train writes it on a GPU: plain torch.save of the state
-    dict under upstream's names, embeddings in bf16, and its meta JSON."""
+def test_original_layout_checkpoint_loads_and_gives_the_same_logits(tokenizer):
+    """A checkpoint as the original nanochat's base_train writes it on a GPU: plain torch.save of the state
+    dict under its names, embeddings in bf16, and its meta JSON."""
     n_layer, d, heads = 3, 64, 2
     model = make_model(seed=5, n_layer=n_layer, n_head=heads, n_kv_head=heads, window_pattern="SSL")
     ours = model.state_dict()
@@ -319,14 +319,14 @@ def test_upstream_layout_checkpoint_loads_and_gives_the_same_logits(tokenizer):
                        h + "attn.c_proj.weight": (d, d), h + "mlp.c_fc.weight": (4 * d, d),
                        h + "mlp.c_proj.weight": (d, 4 * d), h + "attn.ve_gate.weight": (heads, 12),
                        f"value_embeds.{i}.weight": (padded, d)})
-    upstream = {}
-    for name in upstream_state_dict_names(n_layer):
+    original = {}
+    for name in original_state_dict_names(n_layer):
         tensor = ours[name].clone()
         assert tuple(tensor.shape) == shapes[name], name
         if name == "transformer.wte.weight" or name.startswith("value_embeds."):
-            tensor = tensor.to(torch.bfloat16)  # upstream keeps embedding tables in bf16 on GPU
-        upstream[name] = tensor
-    assert upstream.keys() == ours.keys()  # nothing of ours is left out of upstream's list
+            tensor = tensor.to(torch.bfloat16)  # the original keeps embedding tables in bf16 on GPU
+        original[name] = tensor
+    assert original.keys() == ours.keys()  # nothing of ours is left out of the original's list
     meta = {
         "step": 5,
         "val_bpb": 1.5,
@@ -340,16 +340,16 @@ def test_upstream_layout_checkpoint_loads_and_gives_the_same_logits(tokenizer):
     assert len(meta["model_config"]) == 7
     d_dir = os.path.join(ckpt_root(), "d3")
     os.makedirs(d_dir)
-    torch.save(upstream, os.path.join(d_dir, "model_000005.pt"))
+    torch.save(original, os.path.join(d_dir, "model_000005.pt"))
     with open(os.path.join(d_dir, "meta_000005.json"), "w") as f:
         json.dump(meta, f, indent=2)
 
     loaded, _, loaded_meta = load_model("base", "cpu", "eval")  # finds tag d3 and step 5 by itself
     assert loaded_meta["dataloader_state_dict"] == meta["dataloader_state_dict"]
     with torch.no_grad():  # the model it was made from, with its embeddings rounded as they were saved
-        model.transformer.wte.weight.copy_(upstream["transformer.wte.weight"].float())
+        model.transformer.wte.weight.copy_(original["transformer.wte.weight"].float())
         for i, table in model.value_embeds.items():
-            table.weight.copy_(upstream[f"value_embeds.{i}.weight"].float())
+            table.weight.copy_(original[f"value_embeds.{i}.weight"].float())
     x = tokens(T=32)
     assert torch.equal(loaded(x), model(x))
 

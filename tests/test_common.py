@@ -1,5 +1,6 @@
-"""common: training_session gives an in-process caller its interpreter back as it was; the TF32
-setting, device sync and the peak-rate tables."""
+"""common and training: interpreter_restored gives an in-process caller its interpreter back as
+it was, and a training script exports nothing into the environment; the TF32 setting, device
+sync and the peak-rate tables."""
 
 import gc
 import os
@@ -8,32 +9,32 @@ import signal
 import pytest
 import torch
 
-from nanochat.common import (
-    StopRequest,
-    enable_tf32,
-    get_peak_bandwidth,
-    get_peak_flops,
-    synchronize,
-    training_session,
-)
+from nanochat.common import NanochatError, enable_tf32, get_peak_bandwidth, get_peak_flops, synchronize
+from nanochat.training import StopRequest, interpreter_restored
 
 INF = float("inf")
 
 
-def test_training_session_restores_env_signals_and_gc(monkeypatch):
-    monkeypatch.delenv("NANOCHAT_TASK_DATA_DIR", raising=False)
-    monkeypatch.setenv("NANOCHAT_KEEP", "1")
+def test_interpreter_restored_puts_back_signals_and_gc():
     before = signal.getsignal(signal.SIGTERM)
-    with training_session():
+    with interpreter_restored():
         StopRequest()  # installs its own handlers, as the training loops do
-        os.environ["NANOCHAT_TASK_DATA_DIR"] = "/somewhere"
-        os.environ["NANOCHAT_KEEP"] = "2"
         gc.freeze()
         gc.disable()
         assert signal.getsignal(signal.SIGTERM) is not before
-    assert "NANOCHAT_TASK_DATA_DIR" not in os.environ and os.environ["NANOCHAT_KEEP"] == "1"
     assert signal.getsignal(signal.SIGTERM) is before
     assert gc.isenabled() and gc.get_freeze_count() == 0
+
+
+def test_a_training_script_passes_data_dir_and_sandbox_without_exporting_them(monkeypatch, tmp_path):
+    from scripts import chat_rl
+
+    monkeypatch.delenv("NANOCHAT_TASK_DATA_DIR", raising=False)
+    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(tmp_path))
+    before = dict(os.environ)
+    with pytest.raises(NanochatError, match="no sft model to start RL from"), interpreter_restored():
+        chat_rl.train(chat_rl.parse_args(["--device-type=cpu", f"--data-dir={tmp_path}", "--sandbox=strict"]))
+    assert dict(os.environ) == before
 
 
 # -----------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""The inference Engine (SPEC §10): greedy decoding equals the naive full-forward sampler token
+"""The inference Engine: greedy decoding equals the naive full-forward sampler token
 for token (smear, value embeddings, GQA, sliding windows, several prompts, batch 1 and N, one
 prompt or several of different lengths), sampling semantics (independent first tokens, seeds,
 temperature 0, top_k), the calculator tool state machine, generate_batch, context limits, and

@@ -1,6 +1,6 @@
-"""The GPT model (SPEC §1): shapes, causality, accounting against SPEC's table, windows, value
+"""The GPT model (docs/model.md): shapes, causality, parameter and FLOP accounting, windows, value
 embeddings, initialization, the KV-cache path against the full forward, the fused loss, activation
-checkpointing, the reference sampler and the optimizer parameter groups."""
+checkpointing, the naive sampler and the optimizer parameter groups."""
 
 import math
 
@@ -48,7 +48,7 @@ def tokens(B, T, vocab=100, seed=1):
 
 
 def depth_model_meta(depth, head_dim=128, sequence_len=2048, window_pattern="SSSL", vocab_size=32768):
-    """SPEC §1.2: model_dim = ceil(depth*64/head_dim)*head_dim, n_head = n_kv_head = model_dim/head_dim."""
+    """--depth's shape: model_dim = ceil(depth*64/head_dim)*head_dim, n_head = n_kv_head = model_dim/head_dim."""
     dim = math.ceil(depth * 64 / head_dim) * head_dim
     config = GPTConfig(sequence_len=sequence_len, vocab_size=vocab_size, n_layer=depth, n_head=dim // head_dim,
                        n_kv_head=dim // head_dim, n_embd=dim, window_pattern=window_pattern)
@@ -66,7 +66,7 @@ def test_config_defaults():
         (2048, 32768, 12, 6, 6, 768, "SSSL")
 
 
-def test_state_dict_names_match_upstream():
+def test_state_dict_names_match_the_original_nanochat():
     model = build(n_layer=3, randomize=False)
     expected = {"transformer.wte.weight", "lm_head.weight", "resid_lambdas", "x0_lambdas", "smear_gate.weight",
                 "smear_lambda", "backout_lambda"}
@@ -121,7 +121,7 @@ def test_bad_head_counts_are_clear_errors():
 
 
 @pytest.mark.parametrize("args,table", [
-    # SPEC §1.10: wte, VE, lm_head, matrices, total, scaling (millions), FLOPs/token
+    # wte, VE, lm_head, matrices, total, scaling (millions), FLOPs/token (docs/model.md, "Accounting")
     (dict(depth=6, head_dim=64, sequence_len=512, window_pattern="L"), (12.58, 37.75, 12.58, 10.62, 73.53, 23.20, 1.534e8)),
     (dict(depth=12), (25.2, 151.0, 25.2, 84.9, 286.3, 110.1, 7.597e8)),
     (dict(depth=20), (41.9, 419.4, 41.9, 393.2, 896.5, 435.2, 2.886e9)),
@@ -151,7 +151,7 @@ def test_flops_formula_is_structural():
 
 
 # -----------------------------------------------------------------------------
-# initialization and precision (SPEC §1.9)
+# initialization and precision
 
 
 def test_init_statistics():
@@ -235,7 +235,7 @@ def test_forward_shapes_and_softcap():
 
 
 def test_forward_matches_a_literal_transcription_of_the_spec():
-    """Re-derive the logits from the parameters with plain ops in SPEC §1.3-1.5 order."""
+    """Re-derive the logits from the parameters with plain ops, in the order docs/model.md gives."""
     model = build(n_layer=3, n_embd=64, n_head=4, n_kv_head=2, sequence_len=32)
     idx = tokens(2, 12)
     cfg, B, T = model.config, 2, 12
@@ -368,7 +368,7 @@ def test_every_parameter_gets_a_gradient():
 
 
 # -----------------------------------------------------------------------------
-# KV cache path equals the full forward (SPEC §10.1)
+# KV cache path equals the full forward
 
 
 def new_cache(model, batch_size, seq_len):
@@ -417,7 +417,7 @@ def test_kv_cache_batch_prefill_then_decode():
 
 
 # -----------------------------------------------------------------------------
-# reference sampler (SPEC §1.12)
+# naive sampler
 
 
 def test_generate_is_deterministic_and_greedy_at_temperature_zero():
@@ -437,7 +437,7 @@ def test_generate_is_deterministic_and_greedy_at_temperature_zero():
 
 
 # -----------------------------------------------------------------------------
-# optimizer parameter groups (SPEC §1.11)
+# optimizer parameter groups
 
 
 def test_param_groups():
@@ -484,7 +484,7 @@ def test_setup_optimizer_uses_muonadamw():
 
 
 def test_from_depth_rounds_the_width_up_to_whole_heads():
-    c = GPTConfig.from_depth(12, sequence_len=2048, vocab_size=32768)  # the d12 reference (SPEC §1.2)
+    c = GPTConfig.from_depth(12, sequence_len=2048, vocab_size=32768)  # d12, the shape the hyperparameters were tuned at
     assert (c.n_layer, c.n_embd, c.n_head, c.n_kv_head) == (12, 768, 6, 6)
     assert (GPTConfig.from_depth(6, head_dim=64).n_embd, GPTConfig.from_depth(6, head_dim=64).n_head) == (384, 6)
     c = GPTConfig.from_depth(5, aspect_ratio=64, head_dim=128, window_pattern="L")  # 320 -> 384: 3 heads of 128

@@ -1,4 +1,4 @@
-"""MuonAdamW (nanochat/optim.py, SPEC §3): AdamW against torch's, Muon's orthogonalisation,
+"""MuonAdamW (nanochat/optim.py): AdamW against torch's, Muon's orthogonalisation,
 cautious weight decay, convergence, determinism, checkpoint round trips, compiled == eager,
 and 2 gloo ranks == 1 rank with the averaged gradient."""
 
@@ -124,7 +124,7 @@ def test_muon_tall_matrices_get_larger_lr():
     opt = MuonAdamW([{"kind": "muon", "params": [tall], "lr": 0.02}, {"kind": "muon", "params": [wide], "lr": 0.02}])
     tall.grad, wide.grad = torch.randn(64, 16), torch.randn(16, 64)
     opt.step()
-    # SPEC §3.2 step 8: lr * sqrt(max(1, rows/cols)), so a 4:1 tall matrix moves 2x as far.
+    # Muon scales its LR by sqrt(max(1, rows/cols)), so a 4:1 tall matrix moves 2x as far.
     assert math.isclose((before[0] - tall).norm().item(), 0.02 * 2 * 4, rel_tol=1e-4)
     assert math.isclose((before[1] - wide).norm().item(), 0.02 * 4, rel_tol=1e-4)
 
@@ -200,7 +200,7 @@ def test_convergence_on_quadratic():
 
 def run_steps(opt, params, targets, steps, first=0):
     for it in range(first, first + steps):
-        for group in opt.param_groups:  # what base_train does each step (SPEC §3.4)
+        for group in opt.param_groups:  # what base_train does each step
             group["lr"] = group["initial_lr"] * (1.0 - 0.02 * it)
             if group["kind"] == "muon":
                 group["momentum"] = 0.85 + 0.01 * it

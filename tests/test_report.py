@@ -62,7 +62,7 @@ def log_sections(rep):
         "Sample: the model said GSM8K: 0.99 and MMLU: 0.98 in prose.",
     ])
     # as chat_sft logs it: its flags, then a summary naming the base tag and its own output tag
-    rep.log("SFT", [{"model_tag": None, "device_batch_size": 4},  # upstream's title
+    rep.log("SFT", [{"model_tag": None, "device_batch_size": 4},  # the original nanochat's section title
                     {"model_tag": "d4", "output_tag": "sft_d4", "final_val_bpb": 1.1, "chatcore": 0.11}])
     rep.log("Chat evaluation (SFT)", [{"ARC-Easy": 0.4, "ARC-Challenge": 0.3, "MMLU": 0.31, "GSM8K": 0.05,
                                        "HumanEval": 0.06, "ChatCORE metric": 0.2}])
