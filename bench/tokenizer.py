@@ -16,7 +16,7 @@ import sys
 import sysconfig
 import time
 
-from nanochat.tokenizer import SPECIAL_TOKENS, SPLIT_PATTERN, Tokenizer
+from nanochat.tokenizer import CONTROL_TOKENS, SPLIT_PATTERN, Tokenizer
 
 
 def load_documents(text_dir, max_chars, doc_chars=4000):
@@ -50,7 +50,7 @@ def train_hf(docs, vocab_size):
     ])
     tk.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, show_progress=False, min_frequency=0,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), special_tokens=SPECIAL_TOKENS)
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), special_tokens=CONTROL_TOKENS)
     tk.train_from_iterator(iter(docs), trainer)
     return tk
 

@@ -25,8 +25,9 @@ SPLIT_PATTERN = (
     r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,2}| ?[^\s\p{L}\p{N}]++[\r\n]*|\s*[\r\n]|\s+(?!\S)|\s+"""
 )
 
-# Appended after the merges, in this order: at vocab 32768 they are ids 32759..32767.
-SPECIAL_TOKENS = [
+# The special (control) tokens, appended after the merges in this order: at vocab 32768 they are
+# ids 32759..32767.
+CONTROL_TOKENS = [
     "<|bos|>",  # every document begins with it
     "<|user_start|>", "<|user_end|>",
     "<|assistant_start|>", "<|assistant_end|>",
@@ -35,7 +36,7 @@ SPECIAL_TOKENS = [
 ]
 
 DEFAULT_VOCAB_SIZE = 32768
-MIN_VOCAB_SIZE = 256 + len(SPECIAL_TOKENS)
+MIN_VOCAB_SIZE = 256 + len(CONTROL_TOKENS)
 
 
 PART_TYPES = ("text", "python", "python_output")  # what an assistant message's parts may be
@@ -108,17 +109,17 @@ class Tokenizer:
 
         if vocab_size < MIN_VOCAB_SIZE:
             raise NanochatError(f"--vocab-size={vocab_size} is too small: it must be at least {MIN_VOCAB_SIZE} "
-                                f"(256 byte tokens + {len(SPECIAL_TOKENS)} special tokens).")
+                                f"(256 byte tokens + {len(CONTROL_TOKENS)} special tokens).")
         counted = _CountingIterator(text_iterator)
         logging.getLogger("rustbpe").setLevel(logging.WARNING)  # one line per 1% of merges is too chatty
         trainer = rustbpe.Tokenizer()
-        trainer.train_from_iterator(counted, vocab_size - len(SPECIAL_TOKENS), pattern=pattern)
+        trainer.train_from_iterator(counted, vocab_size - len(CONTROL_TOKENS), pattern=pattern)
         if counted.chars == 0:
             raise NanochatError("the training corpus is empty; point the tokenizer trainer at some text.")
         ranks = {bytes(token): rank for token, rank in trainer.get_mergeable_ranks()}
-        if len(ranks) < vocab_size - len(SPECIAL_TOKENS):
+        if len(ranks) < vocab_size - len(CONTROL_TOKENS):
             raise NanochatError(f"the corpus ({counted.chars:,} characters) only supports "
-                                f"{len(ranks) + len(SPECIAL_TOKENS)} tokens, fewer than --vocab-size={vocab_size}; "
+                                f"{len(ranks) + len(CONTROL_TOKENS)} tokens, fewer than --vocab-size={vocab_size}; "
                                 f"use more text or a smaller vocabulary.")
         return cls(_make_encoding(ranks, pattern))
 
@@ -137,7 +138,7 @@ class Tokenizer:
                                 f"delete it and train again with `python -m scripts.tok_train`.") from None
         if not isinstance(enc, tiktoken.Encoding):
             raise NanochatError(f"{path} does not hold a tiktoken Encoding; retrain the tokenizer.")
-        missing = [t for t in SPECIAL_TOKENS if t not in enc._special_tokens]
+        missing = [t for t in CONTROL_TOKENS if t not in enc._special_tokens]
         if missing:
             raise NanochatError(f"{path} lacks the special tokens {missing}; it is not a nanochat tokenizer.")
         return cls(enc)
@@ -315,7 +316,7 @@ class Tokenizer:
         except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, IndexError, TypeError, ValueError) as e:
             raise NanochatError(f"{path} is not a tokenizer.json written by nanochat ({type(e).__name__}: {e}); "
                                 f"export the model again with `python -m scripts.export`.") from None
-        missing = [t for t in SPECIAL_TOKENS if t not in special]
+        missing = [t for t in CONTROL_TOKENS if t not in special]
         if missing:
             raise NanochatError(f"{path} lacks the special tokens {missing}; it is not a nanochat tokenizer.")
         return cls(tiktoken.Encoding(name="nanochat", pat_str=pattern, mergeable_ranks=ranks, special_tokens=special))
@@ -343,7 +344,7 @@ class _CountingIterator:
 
 def _make_encoding(mergeable_ranks, pattern=SPLIT_PATTERN):
     offset = len(mergeable_ranks)
-    special = {name: offset + i for i, name in enumerate(SPECIAL_TOKENS)}
+    special = {name: offset + i for i, name in enumerate(CONTROL_TOKENS)}
     return tiktoken.Encoding(name="rustbpe", pat_str=pattern, mergeable_ranks=mergeable_ranks, special_tokens=special)
 
 

@@ -11,8 +11,8 @@ import torch
 
 from nanochat.common import NanochatError
 from nanochat.tokenizer import (
+    CONTROL_TOKENS,
     MIN_VOCAB_SIZE,
-    SPECIAL_TOKENS,
     SPLIT_PATTERN,
     ConversationError,
     Tokenizer,
@@ -70,10 +70,10 @@ def test_partial_utf8_tokens_round_trip(tok):
 
 def test_vocab_and_special_ids(tok):
     assert tok.get_vocab_size() == 512
-    ids = [tok.encode_special(s) for s in SPECIAL_TOKENS]
+    ids = [tok.encode_special(s) for s in CONTROL_TOKENS]
     assert ids == list(range(512 - 9, 512))  # the last 9, in order
     assert tok.get_bos_token_id() == 512 - 9
-    assert tok.get_special_tokens() == set(SPECIAL_TOKENS)
+    assert tok.get_special_tokens() == set(CONTROL_TOKENS)
 
 
 def test_default_vocab_layout_at_32768():
@@ -91,7 +91,7 @@ def test_default_vocab_layout_at_32768():
 def test_special_strings_in_text_are_plain_text(tok):
     text = "<|bos|> and <|assistant_end|>"
     ids = tok.encode(text)
-    specials = {tok.encode_special(s) for s in SPECIAL_TOKENS}
+    specials = {tok.encode_special(s) for s in CONTROL_TOKENS}
     assert not specials & set(ids)
     assert len(ids) > 2
     assert tok.encode([text])[0] == ids
@@ -134,7 +134,7 @@ def test_training_respects_digit_pattern_with_number_heavy_corpus():
 def test_token_bytes(tok, tmp_path):
     tb = tok.token_bytes()
     assert tb.dtype == torch.int32 and tb.shape == (512,)
-    specials = {tok.encode_special(s) for s in SPECIAL_TOKENS}
+    specials = {tok.encode_special(s) for s in CONTROL_TOKENS}
     for i in range(512):
         expected = 0 if i in specials else len(tok.decode_single_token_bytes(i))
         assert tb[i].item() == expected
@@ -160,7 +160,7 @@ def test_loads_another_checkouts_pickle(tmp_path):
     trainer = rustbpe.Tokenizer()
     trainer.train_from_iterator(iter(CORPUS), 300 - 9, pattern=SPLIT_PATTERN)
     ranks = {bytes(k): v for k, v in trainer.get_mergeable_ranks()}
-    special = {name: len(ranks) + i for i, name in enumerate(SPECIAL_TOKENS)}
+    special = {name: len(ranks) + i for i, name in enumerate(CONTROL_TOKENS)}
     enc = tiktoken.Encoding(name="rustbpe", pat_str=trainer.get_pattern(), mergeable_ranks=ranks, special_tokens=special)
     with open(tmp_path / "tokenizer.pkl", "wb") as f:
         pickle.dump(enc, f)
@@ -202,7 +202,7 @@ def _hf_matches(tok, path, text):
     hf = HFTokenizer.from_file(str(path))
     assert hf.encode(text).ids == tok.encode(text)
     assert hf.decode(tok.encode(text)) == text
-    for name in SPECIAL_TOKENS:
+    for name in CONTROL_TOKENS:
         assert hf.token_to_id(name) == tok.encode_special(name)
         assert hf.encode(name).ids == [tok.encode_special(name)]
 
