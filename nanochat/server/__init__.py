@@ -8,7 +8,7 @@ generation workers.
 
 Routes
     GET  /                      the chat page (nanochat/ui/index.html); /static/* and /logo.svg beside it
-    POST /chat/completions      upstream's SSE stream: data: {"token": "...", "gpu": 0} ... data: {"done": true}
+    POST /chat/completions      the web UI's SSE stream (the original nanochat's format): data: {"token": "...", "gpu": 0} ... data: {"done": true}
     POST /v1/chat/completions   OpenAI chat completions (JSON or SSE chunks ending in data: [DONE])
     GET  /v1/models             the one served model
     GET  /health                liveness + readiness, never behind the API key (load balancers probe it)

@@ -255,7 +255,7 @@ def create_app(engines, tokenizer, *, model_name="nanochat", devices=None, tempe
         return APIError(504, f"The request took longer than the server's limit of {request_timeout:g} s.",
                         "timeout_error", code="request_timeout")
 
-    # --- upstream's streaming route --------------------------------------------------------------
+    # --- the web UI's streaming route (the original nanochat's SSE format) -----------------------
 
     @app.post("/chat/completions", responses=documented(None, *CHAT_ERRORS, stream=True))
     async def chat_completions(req: ChatRequest):

@@ -115,7 +115,7 @@ def load_words(words_path=None, data_dir=None):
         corpus_words = os.path.join(get_base_dir(), CORPUS_WORDS)
         if os.path.isfile(corpus_words):  # offline only, like the system list below
             logger.warning(f"spelling tasks use the words of the local pretraining text ({corpus_words}): "
-                           f"words_alpha.txt could not be downloaded (put it at {candidates[0]} to match upstream)")
+                           f"words_alpha.txt could not be downloaded (put it at {candidates[0]} for the standard English word list)")
             return _read_words(corpus_words)
         if os.path.isfile(SYSTEM_WORDS):  # offline only: a different list gives different examples and scores
             logger.warning(f"spelling tasks use the system word list {SYSTEM_WORDS}: words_alpha.txt could not be "
