@@ -321,13 +321,15 @@ class Session:
     def _reserve(self, rows, length):
         """Make the cache hold at least `rows` rows of `length` positions, keeping what it holds."""
         eng = self.engine
+        if not eng.compile:
+            rows = max(rows, MIN_DECODE_ROWS)  # the eager step pads a small batch to this many rows
         R, T = (0, 0) if self.k is None else (self.k.size(1), self.k.size(2))
         if rows <= R and length <= T:
             return
         if eng.compile:  # full length at once and a power of two of rows: few shapes, never a regrowth
             k, v, prev = eng._take_cache(_row_bucket(rows))
         else:
-            R2 = max(rows, min(2 * R, self.max_rows or 2 * R), 1)
+            R2 = max(rows, min(2 * R, self.max_rows or 2 * R))
             T2 = max(T, min(eng.seq_len, -(-length // _CACHE_ROUND) * _CACHE_ROUND))
             k, v, prev = eng._new_cache(R2, T2)
         if self.k is not None:
@@ -443,7 +445,7 @@ class Session:
         self._order()
         cont = [r for r in self.rows if r.pending is not None]
         need = max([len(r.fed) + 1 for r in cont] + [len(r.prompt) for r in self.rows])
-        self._reserve(max(len(self.rows), MIN_DECODE_ROWS), need)
+        self._reserve(len(self.rows), need)
         parts = []
         if cont:
             parts.append(self._decode(cont))
@@ -494,8 +496,9 @@ def _kv_len(max_pos, capacity):
 
 
 def _row_bucket(rows):
-    """Rows of a compiled session's cache: a power of two >= rows (and >= MIN_DECODE_ROWS)."""
-    return max(MIN_DECODE_ROWS, 1 << (rows - 1).bit_length())
+    """Rows of a compiled session's cache: one for a lone row (the common chat, which then reads
+    no padding rows' keys), otherwise a power of two >= rows and >= MIN_DECODE_ROWS."""
+    return 1 if rows == 1 else max(MIN_DECODE_ROWS, 1 << (rows - 1).bit_length())
 
 
 def _static_span(max_pos, capacity):

@@ -321,13 +321,13 @@ def test_compiled_decode_compiles_once_per_shape_across_caches_and_engines(token
     assert columns(first, prompt, **kw) == ref
     assert counters["frames"]["total"] >= 1
     sess = first.session()
-    sess.add(prompt, n=1, max_tokens=2, temperature=0.0)
+    sess.add(prompt, n=3, max_tokens=2, temperature=0.0)
     sess.step()
-    assert tuple(sess.k.shape[1:3]) == (4, 2048)  # one row in a bucket of 4 rows, the full length at once
+    assert tuple(sess.k.shape[1:3]) == (4, 2048)  # three rows in a bucket of 4, the full length at once
     cache = sess.k
     sess.close()
     sess = first.session()
-    sess.add(prompt, n=3, max_tokens=2, temperature=0.0)
+    sess.add(prompt, n=2, max_tokens=2, temperature=0.0)
     sess.step()
     assert sess.k is cache  # a closed session's cache is reused: the CUDA graphs replay on its addresses
     sess.close()
@@ -336,6 +336,24 @@ def test_compiled_decode_compiles_once_per_shape_across_caches_and_engines(token
     second = Engine(model, tokenizer, compile=True)  # chat_sft builds one per ChatCORE run
     assert compiles(second) == 0
     assert compiles(second, num_samples=3, temperature=1.0, seed=5) == 0
+
+
+@exact
+@pytest.mark.parametrize("batch_invariant", [False, True])
+def test_a_failing_compile_falls_back_to_eager_with_the_same_tokens(tokenizer, monkeypatch, batch_invariant):
+    """The compiled session's cache (one row for a lone row) stays in use after the fallback:
+    the eager step, which pads a batch-invariant lone row to MIN_DECODE_ROWS, gets its rows."""
+    def broken(*args, **kwargs):
+        raise RuntimeError("no compiler here")
+
+    model = build(n_layer=1, sequence_len=64)
+    ref = columns(Engine(model, tokenizer, compile=False, batch_invariant=batch_invariant), [291, 40], max_tokens=10,
+                  temperature=0.0)
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: broken)
+    engine = Engine(model, tokenizer, compile=True, batch_invariant=batch_invariant)
+    with pytest.warns(UserWarning, match="decoding eagerly"):
+        assert columns(engine, [291, 40], max_tokens=10, temperature=0.0) == ref
+    assert not engine.compile
 
 
 @exact
