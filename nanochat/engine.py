@@ -324,18 +324,24 @@ class Session:
         if not eng.compile:
             rows = max(rows, MIN_DECODE_ROWS)  # the eager step pads a small batch to this many rows
         R, T = (0, 0) if self.k is None else (self.k.size(1), self.k.size(2))
-        if rows <= R and length <= T:
-            return
-        if eng.compile:  # full length at once and a power of two of rows: few shapes, never a regrowth
-            k, v, prev = eng._take_cache(_row_bucket(rows))
+        if eng.compile:
+            # full length at once and a power of two of rows: few shapes, never a regrowth. A
+            # compiled step decodes every row of the cache, so it shrinks once a quarter would do
+            bucket = _row_bucket(rows)
+            if bucket <= R < 4 * bucket:
+                return
+            k, v, prev = eng._take_cache(bucket)
         else:
+            if rows <= R and length <= T:
+                return
             R2 = max(rows, min(2 * R, self.max_rows or 2 * R))
             T2 = max(T, min(eng.seq_len, -(-length // _CACHE_ROUND) * _CACHE_ROUND))
             k, v, prev = eng._new_cache(R2, T2)
         if self.k is not None:
-            k[:, :R, :T] = self.k
-            v[:, :R, :T] = self.v
-            prev[:R] = self.prev
+            n = min(R, k.size(1))  # the rows in use: the first len(self.rows) slots
+            k[:, :n, :T] = self.k[:, :n]
+            v[:, :n, :T] = self.v[:, :n]
+            prev[:n] = self.prev[:n]
             self._give_back()
         self.k, self.v, self.prev = k, v, prev
         self.pooled = eng.compile

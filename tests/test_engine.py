@@ -331,6 +331,15 @@ def test_compiled_decode_compiles_once_per_shape_across_caches_and_engines(token
     sess.step()
     assert sess.k is cache  # a closed session's cache is reused: the CUDA graphs replay on its addresses
     sess.close()
+    sess = first.session()  # five rows (a bucket of 8), then one: the cache shrinks to a lone row's
+    ids = sess.add(prompt, n=5, max_tokens=6, temperature=0.0)
+    got = [sess.step()[0][1], sess.step()[0][1]]
+    for row_id in ids[1:]:
+        sess.cancel(row_id)
+    while len(sess):
+        got += [token for _, token, _, _ in sess.step()]
+    assert sess.k.size(1) == 1 and got == [c[0] for c in ref[:6]]
+    sess.close()
     assert compiles(first) == 0  # the second call
     assert compiles(first, num_samples=3) == 0  # three rows: the same bucket of 4
     second = Engine(model, tokenizer, compile=True)  # chat_sft builds one per ChatCORE run
