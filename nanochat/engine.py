@@ -253,7 +253,8 @@ class Session:
     step() prefills the rows added since the last step (each alone, reusing stored prefixes),
     decodes the rows that continue in one batch, then samples one token for every active row.
     Rows live in the first slots of one cache (a finishing row's slot is refilled by moving the
-    last row), so the decode batch is exactly the active rows. A row's tokens do not depend on
+    last row), so the eager decode batch is exactly the active rows (a compiled one is every row
+    of the cache, for its static shapes). A row's tokens do not depend on
     the rows it shares the batch with: it has its own generator and every step computes each row
     with the same operations whatever the batch holds (the tests check this exactly)."""
 
@@ -263,6 +264,7 @@ class Session:
         self.rows = []  # slot order: rows[i] lives in cache slot i
         self.next_id = 0
         self.k = self.v = self.prev = None  # (n_layer, R, T, Hkv, D), (R, 1, C): grown on demand
+        self.pooled = False  # the cache is the engine's, given back at close (a compiled step's)
 
     def __len__(self):
         return len(self.rows)
@@ -311,6 +313,7 @@ class Session:
 
     def close(self):
         self.rows = []
+        self._give_back()
         self.k = self.v = self.prev = None
 
     # --- the step ------------------------------------------------------------------
@@ -318,25 +321,34 @@ class Session:
     def _reserve(self, rows, length):
         """Make the cache hold at least `rows` rows of `length` positions, keeping what it holds."""
         eng = self.engine
+        if not eng.compile:
+            rows = max(rows, MIN_DECODE_ROWS)  # the eager step pads a small batch to this many rows
         R, T = (0, 0) if self.k is None else (self.k.size(1), self.k.size(2))
-        if rows <= R and length <= T:
-            return
-        R2 = max(rows, min(2 * R, self.max_rows or 2 * R), 1)
-        T2 = max(T, min(eng.seq_len, -(-length // _CACHE_ROUND) * _CACHE_ROUND))
-        c = eng.model.config
-        shape = (c.n_layer, R2, T2, c.n_kv_head, c.n_embd // c.n_head)
-        k = torch.zeros(shape, device=eng.device, dtype=COMPUTE_DTYPE)
-        v = torch.zeros(shape, device=eng.device, dtype=COMPUTE_DTYPE)
-        prev = torch.zeros(R2, 1, c.n_embd, device=eng.device, dtype=COMPUTE_DTYPE)
+        if eng.compile:
+            # full length at once and a power of two of rows: few shapes, never a regrowth. A
+            # compiled step decodes every row of the cache, so it shrinks once a quarter would do
+            bucket = _row_bucket(rows)
+            if bucket <= R < 4 * bucket:
+                return
+            k, v, prev = eng._take_cache(bucket)
+        else:
+            if rows <= R and length <= T:
+                return
+            R2 = max(rows, min(2 * R, self.max_rows or 2 * R))
+            T2 = max(T, min(eng.seq_len, -(-length // _CACHE_ROUND) * _CACHE_ROUND))
+            k, v, prev = eng._new_cache(R2, T2)
         if self.k is not None:
-            k[:, :R, :T] = self.k
-            v[:, :R, :T] = self.v
-            prev[:R] = self.prev
-        if eng.compile and eng.device.type == "cuda":
-            from torch import _dynamo
-            for t in (k, v, prev):
-                _dynamo.mark_static_address(t)  # CUDA graphs then update the cache in place, not a copy of it
+            n = min(R, k.size(1))  # the rows in use: the first len(self.rows) slots
+            k[:, :n, :T] = self.k[:, :n]
+            v[:, :n, :T] = self.v[:, :n]
+            prev[:n] = self.prev[:n]
+            self._give_back()
         self.k, self.v, self.prev = k, v, prev
+        self.pooled = eng.compile
+
+    def _give_back(self):
+        if self.pooled and self.k is not None:
+            self.engine._give_cache((self.k, self.v, self.prev))
 
     def _move(self, src, dst):
         n = len(self.rows[src].fed)
@@ -412,8 +424,12 @@ class Session:
             logits = torch.cat(out)
         else:
             positions = [len(r.fed) for r in rows]
-            span = _kv_len(max(positions), self.k.size(2))
-            pad = 0 if m == 1 and not eng.batch_invariant else max(0, MIN_DECODE_ROWS - m)
+            if eng.compile:  # static shapes: every row of the cache, one of a few fixed spans
+                span = _static_span(max(positions), self.k.size(2))
+                pad = self.k.size(1) - m
+            else:
+                span = _kv_len(max(positions), self.k.size(2))
+                pad = 0 if m == 1 and not eng.batch_invariant else max(0, MIN_DECODE_ROWS - m)
             # padding rows sit at position 0 of slots that are free or that this step's prefill overwrites
             ids = torch.tensor([r.pending for r in rows] + [0] * pad, dtype=torch.long, device=eng.device).view(-1, 1)
             pos = torch.tensor(positions + [0] * pad, dtype=torch.long, device=eng.device)
@@ -435,7 +451,7 @@ class Session:
         self._order()
         cont = [r for r in self.rows if r.pending is not None]
         need = max([len(r.fed) + 1 for r in cont] + [len(r.prompt) for r in self.rows])
-        self._reserve(max(len(self.rows), MIN_DECODE_ROWS), need)
+        self._reserve(len(self.rows), need)
         parts = []
         if cont:
             parts.append(self._decode(cont))
@@ -483,6 +499,22 @@ def _kv_len(max_pos, capacity):
     while span < max_pos + 1:
         span *= 2
     return min(span, capacity)
+
+
+def _row_bucket(rows):
+    """Rows of a compiled session's cache: one for a lone row (the common chat, which then reads
+    no padding rows' keys), otherwise a power of two >= rows and >= MIN_DECODE_ROWS."""
+    return 1 if rows == 1 else max(MIN_DECODE_ROWS, 1 << (rows - 1).bit_length())
+
+
+def _static_span(max_pos, capacity):
+    """Attention span of a compiled step: a quarter, a half or all of the capacity (the smallest
+    > max_pos). Each span is a graph of its own, compiled once; a quarter of a full-length cache
+    keeps a short chat from reading the whole of it at every step."""
+    for span in (capacity // 4, capacity // 2):
+        if max_pos < span:
+            return span
+    return capacity
 
 
 def _compile_default(device):
@@ -533,7 +565,11 @@ class Engine:
 
     Any model with forward(ids, kv_cache=KVCache) works; for nanochat's GPT the decode step runs
     every row at its own position in one batch (a DecodeStep), eagerly by default on CPU and
-    compiled (CUDA graphs) on CUDA; other models decode row by row. compile=None picks the
+    compiled (CUDA graphs) on CUDA; other models decode row by row. A compiled step sees only a
+    few shapes (cache rows in powers of two, each cache full length from the start, a few
+    attention spans), each compiled once per process however many sessions and Engines decode
+    with the model; closed sessions hand their caches back for reuse, so the CUDA graphs replay
+    on the addresses they were recorded on. compile=None picks the
     default (the env var NANOCHAT_ENGINE_COMPILE=1|0 overrides); any failure to compile falls
     back to eager with a warning. prefix_cache_bytes bounds the store of reusable keys/values
     (0 turns prefix reuse off). batch_invariant=True makes a row's numbers bit for bit the same
@@ -557,6 +593,8 @@ class Engine:
         self._weights = None  # compute-dtype copies of the matmul weights (see _refresh_weights)
         self._decode_weights = None
         self._weight_versions = None
+        self._free_caches = {}  # rows -> caches of closed compiled sessions, reused (see _take_cache)
+        self._cache_lock = threading.Lock()  # sessions on several threads may share one engine
         special = tokenizer.encode_special
         self.bos = tokenizer.get_bos_token_id()
         self.assistant_end = special("<|assistant_end|>")
@@ -596,7 +634,8 @@ class Engine:
                 from torch import _dynamo
                 _dynamo.config.cache_size_limit = max(_dynamo.config.cache_size_limit, 64)
                 mode = "reduce-overhead" if self.device.type == "cuda" else None  # CUDA graphs
-                self._compiled = torch.compile(_step_fn, mode=mode)
+                # dynamic=False: row counts and spans are a few fixed values, each its own graph
+                self._compiled = torch.compile(_step_fn, mode=mode, dynamic=False)
             try:
                 return self._compiled(self.model, self._weights, ids, step)[:, -1, :]
             except Exception as e:  # no compiler toolchain, an unsupported op ...: the same math, eagerly
@@ -609,6 +648,37 @@ class Engine:
             with _one_thread():
                 return _step_fn(self.model, self._weights, ids, step)[:, -1, :]
         return _step_fn(self.model, self._weights, ids, step)[:, -1, :]
+
+    def _new_cache(self, rows, length):
+        """Zeroed keys, values (n_layer, rows, length, Hkv, D) and previous embeddings (rows, 1, C)."""
+        c = self.model.config
+        shape = (c.n_layer, rows, length, c.n_kv_head, c.n_embd // c.n_head)
+        return (torch.zeros(shape, device=self.device, dtype=COMPUTE_DTYPE),
+                torch.zeros(shape, device=self.device, dtype=COMPUTE_DTYPE),
+                torch.zeros(rows, 1, c.n_embd, device=self.device, dtype=COMPUTE_DTYPE))
+
+    def _take_cache(self, rows):
+        """A full-length cache of `rows` rows for a compiled session: one that a closed session gave
+        back, or a new one. Reuse keeps the addresses the CUDA graphs were recorded on, so they
+        replay as they are. What the last session left in it weighs nothing, as the stale slots of a
+        finished row do within a session: attention masks every slot past a row's position, and
+        a prefill writes a row's slots before it decodes."""
+        with self._cache_lock:
+            free = self._free_caches.get(rows)
+            if free:
+                return free.pop()
+        from torch import _dynamo
+
+        cache = self._new_cache(rows, self.seq_len)
+        for t in cache:
+            # CUDA graphs update the cache in place rather than a copy of it. Unguarded: a new cache
+            # (a new row bucket, a second Engine) re-records a graph instead of recompiling it
+            _dynamo.mark_static_address(t, guard=False)
+        return cache
+
+    def _give_cache(self, cache):
+        with self._cache_lock:
+            self._free_caches.setdefault(cache[0].size(1), []).append(cache)
 
     def _refresh_weights(self):
         """What the decode step reads instead of the parameters, made once and remade only when a
@@ -660,9 +730,11 @@ class Engine:
         return token, mask
 
     def release(self):
-        """Forget the stored prefixes."""
+        """Forget the stored prefixes and free the caches closed sessions left for reuse."""
         if self.prefix_store is not None:
             self.prefix_store.clear()
+        with self._cache_lock:
+            self._free_caches.clear()
 
     @torch.inference_mode()
     def warmup(self):

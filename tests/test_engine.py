@@ -297,6 +297,75 @@ def test_compiled_decode_gives_the_same_tokens(tokenizer):
 
 
 @exact
+def test_compiled_decode_compiles_once_per_shape_across_caches_and_engines(tokenizer):
+    """The compiled step's cache is full length from the start and its shapes are static, so
+    nothing that used to make a new cache recompiles: a second call, a position past where the
+    cache used to grow (256), more rows within the same row bucket, a second Engine on the model."""
+    pytest.importorskip("torch._inductor")
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    model = build(n_layer=1, sequence_len=2048)  # spans of 512, 1024 and 2048 positions
+    eager = Engine(model, tokenizer, compile=False)
+    first = Engine(model, tokenizer, compile=True)
+    prompt = [291] + list(range(40, 289))  # 250 tokens: decoding runs from position 250 to 261
+    kw = dict(num_samples=2, max_tokens=12, temperature=0.0)
+    ref = columns(eager, prompt, **kw)
+
+    def compiles(engine, **over):
+        before = counters["frames"]["total"]
+        assert columns(engine, prompt, **{**kw, **over}) == columns(eager, prompt, **{**kw, **over})
+        assert engine.compile  # it compiled, rather than falling back to eager
+        return counters["frames"]["total"] - before
+
+    assert columns(first, prompt, **kw) == ref
+    assert counters["frames"]["total"] >= 1
+    sess = first.session()
+    sess.add(prompt, n=3, max_tokens=2, temperature=0.0)
+    sess.step()
+    assert tuple(sess.k.shape[1:3]) == (4, 2048)  # three rows in a bucket of 4, the full length at once
+    cache = sess.k
+    sess.close()
+    sess = first.session()
+    sess.add(prompt, n=2, max_tokens=2, temperature=0.0)
+    sess.step()
+    assert sess.k is cache  # a closed session's cache is reused: the CUDA graphs replay on its addresses
+    sess.close()
+    sess = first.session()  # five rows (a bucket of 8), then one: the cache shrinks to a lone row's
+    ids = sess.add(prompt, n=5, max_tokens=6, temperature=0.0)
+    got = [sess.step()[0][1], sess.step()[0][1]]
+    for row_id in ids[1:]:
+        sess.cancel(row_id)
+    while len(sess):
+        got += [token for _, token, _, _ in sess.step()]
+    assert sess.k.size(1) == 1 and got == [c[0] for c in ref[:6]]
+    sess.close()
+    assert compiles(first) == 0  # the second call
+    assert compiles(first, num_samples=3) == 0  # three rows: the same bucket of 4
+    second = Engine(model, tokenizer, compile=True)  # chat_sft builds one per ChatCORE run
+    assert compiles(second) == 0
+    assert compiles(second, num_samples=3, temperature=1.0, seed=5) == 0
+
+
+@exact
+@pytest.mark.parametrize("batch_invariant", [False, True])
+def test_a_failing_compile_falls_back_to_eager_with_the_same_tokens(tokenizer, monkeypatch, batch_invariant):
+    """The compiled session's cache (one row for a lone row) stays in use after the fallback:
+    the eager step, which pads a batch-invariant lone row to MIN_DECODE_ROWS, gets its rows."""
+    def broken(*args, **kwargs):
+        raise RuntimeError("no compiler here")
+
+    model = build(n_layer=1, sequence_len=64)
+    ref = columns(Engine(model, tokenizer, compile=False, batch_invariant=batch_invariant), [291, 40], max_tokens=10,
+                  temperature=0.0)
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: broken)
+    engine = Engine(model, tokenizer, compile=True, batch_invariant=batch_invariant)
+    with pytest.warns(UserWarning, match="decoding eagerly"):
+        assert columns(engine, [291, 40], max_tokens=10, temperature=0.0) == ref
+    assert not engine.compile
+
+
+@exact
 def test_weight_copies_follow_in_place_updates(tokenizer):
     """When the masters are wider than the compute dtype, the engine decodes with cached
     compute-dtype copies; an in-place update of the masters (an RL step) must reach them."""

@@ -44,6 +44,8 @@ def test_dry_run_passes_every_step(tmp_path):
     assert sorted(map(int, by_name["eval_lengths"]["seconds_per_length"])) == list(range(528, 689, 16))
     assert by_name["eval_lengths"]["inference_mask_then_train"] == "ok"
     assert by_name["decode"]["same_tokens"] is True and [pt["batch"] for pt in by_name["decode"]["points"]] == [1, 2]
+    assert by_name["decode"]["compiled"] is True  # batches 1 and 2: row buckets of 1 and 4 rows, one span
+    assert (by_name["decode"]["compiles_first_engine"], by_name["decode"]["compiles_second_engine"]) == (2, 0)
     assert set(by_name["base_train"]["val_bpb"]) == {"0", "2", "4"}
     assert "model_000004.pt" in by_name["base_train"]["checkpoint_files"]
     assert by_name["throughput_d20"]["activation_checkpointing"] is True
