@@ -223,3 +223,16 @@ class FakeSessionEngine(FakeEngine):
             if len(key) <= len(tokens) and tuple(tokens[:len(key)]) == key:
                 best = max(best, len(key))
         return best
+
+
+MODEL = "nanochat-test"
+
+
+def client_for(engine, tok, **kwargs):
+    """A TestClient on an app serving `engine`, addressed to a Host the server answers."""
+    from fastapi.testclient import TestClient
+
+    from nanochat.server import create_app
+    kwargs.setdefault("model_name", MODEL)
+    return TestClient(create_app([engine], tok, **kwargs), base_url="http://localhost")
+

@@ -8,23 +8,15 @@ import threading
 import time
 
 import pytest
-from fastapi.testclient import TestClient
-from server_fakes import FakeEngine, FakeMultiEngine, byte_tokens, tiny_gpt, tiny_tokenizer
+from server_fakes import MODEL, FakeEngine, FakeMultiEngine, byte_tokens, client_for, tiny_gpt, tiny_tokenizer
 
-from nanochat.server import create_app
 from nanochat.server.text import RowDecoder, StopMatcher
-
-MODEL = "nanochat-test"
 
 
 @pytest.fixture
 def tok():
     return tiny_tokenizer()
 
-
-def client_for(engine, tok, **kwargs):
-    kwargs.setdefault("model_name", MODEL)
-    return TestClient(create_app([engine], tok, **kwargs), base_url="http://localhost")  # a Host the server answers
 
 
 def sse_events(text):

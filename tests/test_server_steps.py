@@ -9,10 +9,12 @@ import time
 import pytest
 from fastapi.testclient import TestClient
 from server_fakes import (
+    MODEL,
     FakeEngine,
     FakeSession,
     FakeSessionEngine,
     byte_tokens,
+    client_for,
     last_user_text,
     tiny_gpt,
     tiny_tokenizer,
@@ -21,17 +23,11 @@ from server_fakes import (
 from nanochat.server import create_app
 from nanochat.server.scheduler import Job, QueueFull, WorkerPool
 
-MODEL = "nanochat-test"
-
 
 @pytest.fixture
 def tok():
     return tiny_tokenizer()
 
-
-def client_for(engine, tok, **kwargs):
-    kwargs.setdefault("model_name", MODEL)
-    return TestClient(create_app([engine], tok, **kwargs), base_url="http://localhost")
 
 
 def hello(text="hello there", **extra):
