@@ -23,11 +23,9 @@ from nanochat.checkpoint import append_log, get_checkpoints_root  # noqa: E402
 from nanochat.common import (  # noqa: E402
     COMPUTE_DTYPE,
     NanochatError,
-    check_free_space,
     compute_cleanup,
     compute_init,
     fit_horizon,
-    get_base_dir,
     init_wandb,
     print0,
     run_main,
@@ -248,10 +246,9 @@ def train(args):
     # resume
     model_tag = args.model_tag or f"d{args.depth}"
     checkpoint_dir = os.path.join(get_checkpoints_root("base"), model_tag)
-    # a checkpoint is the fp32 weights plus about twice that in optimizer state
-    check_free_space(get_base_dir(), 12 * counts["total"] * max(1, args.keep_last), "a checkpoint of this model")
     ckpt = Checkpointer(checkpoint_dir, StopRequest(), rank=rank, world_size=world_size, device=device, ddp=ddp,
                         save_every=args.save_every, keep_last=args.keep_last)
+    ckpt.check_space(model)
     step, meta, extra = 0, {}, {}
     if args.resume_from_step is not None:
         step, meta, extra = ckpt.resume(args.resume_from_step, model, optimizer, config,

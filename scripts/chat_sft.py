@@ -33,7 +33,6 @@ from nanochat.checkpoint import append_log, build_model, get_checkpoints_root, l
 from nanochat.common import (  # noqa: E402
     COMPUTE_DTYPE,
     NanochatError,
-    check_free_space,
     compute_cleanup,
     compute_init,
     fit_horizon,
@@ -439,10 +438,9 @@ def train(args):
 
     # resume this SFT run
     checkpoint_dir = os.path.join(get_checkpoints_root("sft"), output_tag)
-    n_params = sum(p.numel() for p in model.parameters())  # fp32 weights and about twice that in optimizer state
-    check_free_space(get_base_dir(), 12 * n_params * max(1, args.keep_last), "a checkpoint of this model")
     ckpt = Checkpointer(checkpoint_dir, StopRequest(), rank=rank, world_size=world_size, device=device, ddp=ddp,
                         save_every=args.save_every, keep_last=args.keep_last)
+    ckpt.check_space(model)
     step, meta, loader_state = 0, {}, None
     if args.resume_from_step is not None:
         step, meta, extra = ckpt.resume(args.resume_from_step, model, optimizer, config,
