@@ -481,8 +481,6 @@ def train(args):
     chatcore_value = loop_state.get("chatcore")
     val_bpb = None
     scaler, skipped_steps = grad_scaler(device), 0  # loss scaling under fp16
-    if master:
-        os.makedirs(checkpoint_dir, exist_ok=True)
 
     while True:
         # when to stop, and where the next batch sits in the data: the same on every rank
@@ -515,14 +513,13 @@ def train(args):
             orig_model.eval()
             core = run_chatcore(orig_model, tokenizer, args, device_batch_size)
             orig_model.train()
-            if core is not None:
-                chatcore_value = core["chatcore"]
-                shown = ", ".join(f"{k}: {v:.4f}" for k, v in core["results"].items())
-                print0(f"Step {step:05d} | ChatCORE: {core['chatcore']} | ChatCORE_cat: {core['chatcore_cat']} | {shown}")
-                wandb_run.log({"step": step, "chatcore_metric": core["chatcore"], "chatcore_cat": core["chatcore_cat"],
-                               **{f"chatcore/{k}": v for k, v in core["results"].items()}})
-                if master:
-                    append_log(ckpt.log_path, {"step": step, **core})
+            chatcore_value = core["chatcore"]
+            shown = ", ".join(f"{k}: {v:.4f}" for k, v in core["results"].items())
+            print0(f"Step {step:05d} | ChatCORE: {core['chatcore']} | ChatCORE_cat: {core['chatcore_cat']} | {shown}")
+            wandb_run.log({"step": step, "chatcore_metric": core["chatcore"], "chatcore_cat": core["chatcore_cat"],
+                           **{f"chatcore/{k}": v for k, v in core["results"].items()}})
+            if master:
+                append_log(ckpt.log_path, {"step": step, **core})
 
         if ckpt.due(step, last_step):
             ckpt.save(step, orig_model, optimizer, {
