@@ -12,7 +12,7 @@ import os
 import shutil
 import socket
 
-from nanochat.common import NanochatError, get_base_dir, run_main
+from nanochat.common import NanochatError, check_free_space, get_base_dir, run_main
 
 
 def online(host, timeout=5):
@@ -29,11 +29,8 @@ def online(host, timeout=5):
 
 
 def check_disk(path, min_free_gb):
-    free = shutil.disk_usage(path).free / 1e9
-    if free < min_free_gb:
-        return "error", (f"only {free:.1f} GB free under {path} and this run needs about {min_free_gb:g} GB; free some "
-                         f"space or point NANOCHAT_BASE_DIR at a larger disk.")
-    return "ok", f"{free:.1f} GB free under {path}"
+    check_free_space(path, min_free_gb * 1e9, "this run")  # the error, with its fix, the training scripts give
+    return "ok", f"{shutil.disk_usage(path).free / 1e9:.1f} GB free under {path}"
 
 
 def check_data(data_dir, is_online):
