@@ -35,6 +35,20 @@ from nanochat.common import (
 )
 
 
+def accumulation_steps(total_batch_size, device_batch_size, max_seq_len, world_size, fix):
+    """Forward/backward passes per optimizer step: each rank's passes of device_batch_size x
+    max_seq_len tokens must add up to total_batch_size exactly, else NanochatError ending in `fix`
+    (which flags the script takes to change it)."""
+    tokens_per_micro = device_batch_size * max_seq_len
+    if total_batch_size % (tokens_per_micro * world_size) != 0:
+        raise NanochatError(
+            f"--total-batch-size={total_batch_size} is not divisible by device_batch_size*max_seq_len*world_size "
+            f"= {device_batch_size}*{max_seq_len}*{world_size} = {tokens_per_micro * world_size}; {fix}.")
+    steps = total_batch_size // (tokens_per_micro * world_size)
+    print0(f"Tokens per micro-batch per rank: {tokens_per_micro:,}; gradient accumulation steps: {steps}")
+    return steps
+
+
 class StopRequest:
     """SIGTERM/SIGINT ask the loop to checkpoint at the end of the current step and exit."""
 

@@ -45,7 +45,7 @@ from nanochat.optim import (  # noqa: E402
 )
 from nanochat.report import get_report  # noqa: E402
 from nanochat.tokenizer import get_token_bytes, get_tokenizer  # noqa: E402
-from nanochat.training import Checkpointer, StepMeter, StopRequest, interpreter_restored  # noqa: E402
+from nanochat.training import Checkpointer, StepMeter, StopRequest, accumulation_steps, interpreter_restored  # noqa: E402
 
 SAMPLE_PROMPTS = [
     "The capital of France is",
@@ -231,13 +231,8 @@ def train(args):
     print0(f"LR scale (batch): {batch_lr_scale:.4f}; Muon weight decay: {wd_scaled:.6f}")
 
     tokens_per_micro = args.device_batch_size * args.max_seq_len
-    if total_batch_size % (tokens_per_micro * world_size) != 0:
-        raise NanochatError(
-            f"--total-batch-size={total_batch_size} is not divisible by device_batch_size*max_seq_len*world_size "
-            f"= {args.device_batch_size}*{args.max_seq_len}*{world_size} = {tokens_per_micro * world_size}; "
-            f"change one of them.")
-    grad_accum_steps = total_batch_size // (tokens_per_micro * world_size)
-    print0(f"Tokens per micro-batch per rank: {tokens_per_micro:,}; gradient accumulation steps: {grad_accum_steps}")
+    grad_accum_steps = accumulation_steps(total_batch_size, args.device_batch_size, args.max_seq_len, world_size,
+                                          "change --total-batch-size, --device-batch-size or --max-seq-len")
 
     optimizer = model.setup_optimizer(
         unembedding_lr=args.unembedding_lr * batch_lr_scale, embedding_lr=args.embedding_lr * batch_lr_scale,

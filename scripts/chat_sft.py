@@ -45,7 +45,7 @@ from nanochat.common import (  # noqa: E402
 from nanochat.loss_eval import evaluate_bpb, one_pass  # noqa: E402
 from nanochat.optim import grad_scaler, lr_multiplier_by_progress, muon_momentum, optimizer_step, scale_loss  # noqa: E402
 from nanochat.tokenizer import check_conversation, get_token_bytes  # noqa: E402
-from nanochat.training import Checkpointer, StepMeter, StopRequest, interpreter_restored  # noqa: E402
+from nanochat.training import Checkpointer, StepMeter, StopRequest, accumulation_steps, interpreter_restored  # noqa: E402
 
 MAX_CONVERSATION_TOKENS = 2048  # render_conversation's default cut: a longer conversation is truncated
 MUON_MOMENTUM_RAMP = 300  # steps for Muon momentum 0.85 -> 0.95: finetuning starts from trained weights
@@ -403,13 +403,8 @@ def train(args):
     config = model.config
 
     tokens_per_micro = device_batch_size * max_seq_len
-    if total_batch_size % (tokens_per_micro * world_size) != 0:
-        raise NanochatError(
-            f"total batch size {total_batch_size} is not divisible by device_batch_size*max_seq_len*world_size "
-            f"= {device_batch_size}*{max_seq_len}*{world_size} = {tokens_per_micro * world_size}; "
-            f"pass --total-batch-size or --device-batch-size to fix it.")
-    grad_accum_steps = total_batch_size // (tokens_per_micro * world_size)
-    print0(f"Tokens per micro-batch per rank: {tokens_per_micro:,}; gradient accumulation steps: {grad_accum_steps}")
+    grad_accum_steps = accumulation_steps(total_batch_size, device_batch_size, max_seq_len, world_size,
+                                          "pass --total-batch-size or --device-batch-size to fix it")
 
     # optimizer: fresh SFT LRs, no weight decay; optionally the base run's moment buffers
     optimizer = model.setup_optimizer(unembedding_lr=unembedding_lr, embedding_lr=embedding_lr,

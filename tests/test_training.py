@@ -91,3 +91,10 @@ def test_check_space_asks_for_twelve_bytes_a_parameter_per_kept_checkpoint(tmp_p
     free["bytes"] -= 1
     with pytest.raises(NanochatError, match="free some space"):
         Checkpointer(str(tmp_path), Never(), keep_last=3, **kwargs).check_space(model)
+
+
+def test_accumulation_steps_fill_the_total_batch_exactly_or_refuse_with_the_fix(capsys):
+    assert training.accumulation_steps(4 * 2 * 64 * 3, 4, 64, 2, "fix it") == 3
+    assert "gradient accumulation steps: 3" in capsys.readouterr().out
+    with pytest.raises(NanochatError, match=r"= 4\*64\*2 = 512; pass --device-batch-size\.$"):
+        training.accumulation_steps(512 * 3 + 64, 4, 64, 2, "pass --device-batch-size")
