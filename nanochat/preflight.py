@@ -74,12 +74,10 @@ def check_task_data(task_dir, is_online):
     """Which SFT/chat-eval task files are present; offline, the absent ones are skipped."""
     if is_online and not task_dir:
         return "ok", "task data: from Hugging Face"
-    found = []
-    if task_dir and os.path.isdir(task_dir):
-        found = sorted(name for name in os.listdir(task_dir) if os.path.isdir(os.path.join(task_dir, name)))
     if task_dir and not os.path.isdir(task_dir):
         return "error", (f"NANOCHAT_TASK_DATA_DIR={task_dir} does not exist; create it with the task folders "
                          f"(gsm8k/, mmlu/, ...) or unset it.")
+    found = sorted(name for name in os.listdir(task_dir) if os.path.isdir(os.path.join(task_dir, name))) if task_dir else []
     if found:
         return "note", (f"task data in {task_dir}: {', '.join(found)}; SFT and chat eval skip the other tasks"
                         f"{'' if is_online else ' (offline)'}.")
