@@ -141,10 +141,13 @@ class ConversationList:
 # The mixture
 
 
-def _build_components(components, strict, TaskDataMissing):
-    """Instantiate (name, factory) pairs; returns (tasks, names of the components that have data). A component whose data is absent is skipped with one
-    warning naming it (an error with --strict-data); a name repeated for epochs warns once.
-    len() forces lazy datasets to load here, not in the middle of training."""
+def _build_components(components, strict):
+    """Instantiate (name, factory) pairs; returns (tasks, names of the components that have data).
+    A component whose data is absent is skipped with one warning naming it (an error with
+    --strict-data); a name repeated for epochs warns once. len() forces lazy datasets to load
+    here, not in the middle of training."""
+    from nanochat.tasks.common import TaskDataMissing
+
     tasks, names, missing = [], [], set()
     for name, factory in components:
         if name in missing:
@@ -202,7 +205,7 @@ def build_mixtures(args):
         ("MMLU test[:5200]", lambda: MMLU(subset="all", split="test", stop=5200, data_dir=d)),
         ("GSM8K main test[:420]", lambda: GSM8K(subset="main", split="test", stop=420, data_dir=d)),
     ]
-    val_tasks, val_names = _build_components(val_components, args.strict_data, TaskDataMissing)
+    val_tasks, val_names = _build_components(val_components, args.strict_data)
     # Offline without task data the identity conversations are still there (the pipeline generates
     # them): validate on their last tenth and train on the rest, rather than stop.
     held_out = 0
@@ -228,7 +231,7 @@ def build_mixtures(args):
         ("SimpleSpelling 200K", lambda: SimpleSpelling(size=200000, split="train", data_dir=d)),
         ("SpellingBee 80K", lambda: SpellingBee(size=80000, split="train", data_dir=d)),
     ]
-    train_tasks, train_names = _build_components(train_components, args.strict_data, TaskDataMissing)
+    train_tasks, train_names = _build_components(train_components, args.strict_data)
     if not train_tasks:
         raise NanochatError("no training data: every mixture component is missing; fetch the task data "
                             "(or point --data-dir at it), or train on your own file with --mixture=FILE.jsonl.")
