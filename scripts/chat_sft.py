@@ -460,14 +460,17 @@ def train(args):
     train_loader = SFTLoader(train_data, tokenizer, device_batch_size, max_seq_len, rank, world_size, device,
                              state=loader_state)
 
+    eval_steps = max(1, args.eval_tokens // (tokens_per_micro * world_size))
+
     def build_val_loader():  # at most one pass over the validation conversations, whatever --eval-tokens asks
         loader = SFTLoader(val_data, tokenizer, device_batch_size, max_seq_len, rank, world_size, device)
         return one_pass(loader, lambda state: state["consumed"] >= len(val_data))
 
-    if args.num_iterations > 0:  # a fixed horizon may cycle a small mixture: say so up front, with the numbers
+    horizon = args.num_iterations if args.num_iterations > 0 else None  # None: one pass over the mixture
+    if horizon:  # a fixed horizon may cycle a small mixture: say so up front, with the numbers
         sample = range(0, dataset_size, max(1, dataset_size // 200))
         mean = sum(len(train_loader._render(i)[0]) for i in sample) / len(sample)
-        fit_horizon(args.num_iterations, total_batch_size, int(mean * dataset_size))
+        fit_horizon(horizon, total_batch_size, int(mean * dataset_size))
     x, y, next_loader_state = next(train_loader)
     trained_loader_state = loader_state  # the position after the last batch trained on
 
@@ -482,8 +485,8 @@ def train(args):
 
     while True:
         # when to stop, and where the next batch sits in the data: the same on every rank
-        if args.num_iterations > 0:
-            last_step, progress = step >= args.num_iterations, step / args.num_iterations
+        if horizon:
+            last_step, progress = step >= horizon, step / horizon
         else:
             # ranks consume conversations at different rates: the furthest one decides. Whole
             # counts travel as int64 (exact, and Apple's MPS has no float64).
@@ -496,7 +499,6 @@ def train(args):
 
         if args.eval_every > 0 and (last_step or step % args.eval_every == 0):
             model.eval()
-            eval_steps = max(1, args.eval_tokens // (tokens_per_micro * world_size))
             val_bpb = evaluate_bpb(model, build_val_loader(), eval_steps, token_bytes)
             min_val_bpb = min(min_val_bpb, val_bpb)
             if initial_val_bpb is None:
@@ -562,7 +564,6 @@ def train(args):
 
         # ---- logging ----
         debiased = meter.smoothed(train_loss, step)
-        horizon = args.num_iterations if args.num_iterations > 0 else None
         done = (step + 1) / horizon if horizon else progress
         meter.log(step, done, {"loss": f"{debiased:.6f}", "lrm": f"{lrm:.2f}", "epoch": next_loader_state["epoch"]},
                   {"loss": train_loss, "smooth_loss": debiased, "lrm": lrm, "progress": progress}, total_batch_size,
