@@ -488,8 +488,6 @@ def mfu_denominator(device, override=0.0, dtype=None):
     on CPU/MPS the best matmul rate ever measured on this machine. One measurement taken while
     something else runs comes out low and would inflate MFU, so each run measures again and the
     best so far is kept per machine in base_dir/matmul_peak.json."""
-    import json
-
     if override > 0:
         return override
     if device.type == "cuda":

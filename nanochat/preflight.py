@@ -12,7 +12,7 @@ import os
 import shutil
 import socket
 
-from nanochat.common import NanochatError, get_base_dir, run_main
+from nanochat.common import NanochatError, check_free_space, get_base_dir, run_main
 
 
 def online(host, timeout=5):
@@ -29,11 +29,8 @@ def online(host, timeout=5):
 
 
 def check_disk(path, min_free_gb):
-    free = shutil.disk_usage(path).free / 1e9
-    if free < min_free_gb:
-        return "error", (f"only {free:.1f} GB free under {path} and this run needs about {min_free_gb:g} GB; free some "
-                         f"space or point NANOCHAT_BASE_DIR at a larger disk.")
-    return "ok", f"{free:.1f} GB free under {path}"
+    check_free_space(path, min_free_gb * 1e9, "this run")  # the error, with its fix, the training scripts give
+    return "ok", f"{shutil.disk_usage(path).free / 1e9:.1f} GB free under {path}"
 
 
 def check_data(data_dir, is_online):
@@ -77,12 +74,10 @@ def check_task_data(task_dir, is_online):
     """Which SFT/chat-eval task files are present; offline, the absent ones are skipped."""
     if is_online and not task_dir:
         return "ok", "task data: from Hugging Face"
-    found = []
-    if task_dir and os.path.isdir(task_dir):
-        found = sorted(name for name in os.listdir(task_dir) if os.path.isdir(os.path.join(task_dir, name)))
     if task_dir and not os.path.isdir(task_dir):
         return "error", (f"NANOCHAT_TASK_DATA_DIR={task_dir} does not exist; create it with the task folders "
                          f"(gsm8k/, mmlu/, ...) or unset it.")
+    found = sorted(name for name in os.listdir(task_dir) if os.path.isdir(os.path.join(task_dir, name))) if task_dir else []
     if found:
         return "note", (f"task data in {task_dir}: {', '.join(found)}; SFT and chat eval skip the other tasks"
                         f"{'' if is_online else ' (offline)'}.")

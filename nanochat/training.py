@@ -24,7 +24,29 @@ from nanochat.checkpoint import (
     set_rng_state,
     truncate_log,
 )
-from nanochat.common import NanochatError, compute_cleanup, mfu_denominator, mfu_percent, print0
+from nanochat.common import (
+    NanochatError,
+    check_free_space,
+    compute_cleanup,
+    get_base_dir,
+    mfu_denominator,
+    mfu_percent,
+    print0,
+)
+
+
+def accumulation_steps(total_batch_size, device_batch_size, max_seq_len, world_size, fix):
+    """Forward/backward passes per optimizer step: each rank's passes of device_batch_size x
+    max_seq_len tokens must add up to total_batch_size exactly, else NanochatError ending in `fix`
+    (which flags the script takes to change it)."""
+    tokens_per_micro = device_batch_size * max_seq_len
+    if total_batch_size % (tokens_per_micro * world_size) != 0:
+        raise NanochatError(
+            f"--total-batch-size={total_batch_size} is not divisible by device_batch_size*max_seq_len*world_size "
+            f"= {device_batch_size}*{max_seq_len}*{world_size} = {tokens_per_micro * world_size}; {fix}.")
+    steps = total_batch_size // (tokens_per_micro * world_size)
+    print0(f"Tokens per micro-batch per rank: {tokens_per_micro:,}; gradient accumulation steps: {steps}")
+    return steps
 
 
 class StopRequest:
@@ -66,13 +88,19 @@ def interpreter_restored():
 
 
 class Checkpointer:
-    """One run's checkpoint folder: resume(), due(), save(), exit_if_stopping()."""
+    """One run's checkpoint folder: check_space(), resume(), due(), save(), exit_if_stopping()."""
 
     def __init__(self, checkpoint_dir, stop, *, rank, world_size, device, ddp, save_every=-1, keep_last=-1):
         self.dir, self.stop, self.rank, self.world_size = checkpoint_dir, stop, rank, world_size
         self.device, self.ddp, self.save_every, self.keep_last = device, ddp, save_every, keep_last
         self.log_path = os.path.join(checkpoint_dir, "train_log.jsonl")
         self.resume_step, self.stopping = 0, False
+
+    def check_space(self, model):
+        """Refuse now, rather than at a save hours in, when the disk cannot hold the checkpoints this
+        run keeps: each is the fp32 weights plus about twice that in optimizer state."""
+        n_params = sum(p.numel() for p in model.parameters())
+        check_free_space(get_base_dir(), 12 * n_params * max(1, self.keep_last), "a checkpoint of this model")
 
     def resume(self, from_step, model, optimizer, config, hint):
         """Load `from_step` (-1: the latest) into `model` and `optimizer` and restore the RNGs;

@@ -23,11 +23,9 @@ from nanochat.checkpoint import append_log, get_checkpoints_root  # noqa: E402
 from nanochat.common import (  # noqa: E402
     COMPUTE_DTYPE,
     NanochatError,
-    check_free_space,
     compute_cleanup,
     compute_init,
     fit_horizon,
-    get_base_dir,
     init_wandb,
     print0,
     run_main,
@@ -47,7 +45,7 @@ from nanochat.optim import (  # noqa: E402
 )
 from nanochat.report import get_report  # noqa: E402
 from nanochat.tokenizer import get_token_bytes, get_tokenizer  # noqa: E402
-from nanochat.training import Checkpointer, StepMeter, StopRequest, interpreter_restored  # noqa: E402
+from nanochat.training import Checkpointer, StepMeter, StopRequest, accumulation_steps, interpreter_restored  # noqa: E402
 
 SAMPLE_PROMPTS = [
     "The capital of France is",
@@ -233,13 +231,8 @@ def train(args):
     print0(f"LR scale (batch): {batch_lr_scale:.4f}; Muon weight decay: {wd_scaled:.6f}")
 
     tokens_per_micro = args.device_batch_size * args.max_seq_len
-    if total_batch_size % (tokens_per_micro * world_size) != 0:
-        raise NanochatError(
-            f"--total-batch-size={total_batch_size} is not divisible by device_batch_size*max_seq_len*world_size "
-            f"= {args.device_batch_size}*{args.max_seq_len}*{world_size} = {tokens_per_micro * world_size}; "
-            f"change one of them.")
-    grad_accum_steps = total_batch_size // (tokens_per_micro * world_size)
-    print0(f"Tokens per micro-batch per rank: {tokens_per_micro:,}; gradient accumulation steps: {grad_accum_steps}")
+    grad_accum_steps = accumulation_steps(total_batch_size, args.device_batch_size, args.max_seq_len, world_size,
+                                          "change --total-batch-size, --device-batch-size or --max-seq-len")
 
     optimizer = model.setup_optimizer(
         unembedding_lr=args.unembedding_lr * batch_lr_scale, embedding_lr=args.embedding_lr * batch_lr_scale,
@@ -248,10 +241,9 @@ def train(args):
     # resume
     model_tag = args.model_tag or f"d{args.depth}"
     checkpoint_dir = os.path.join(get_checkpoints_root("base"), model_tag)
-    # a checkpoint is the fp32 weights plus about twice that in optimizer state
-    check_free_space(get_base_dir(), 12 * counts["total"] * max(1, args.keep_last), "a checkpoint of this model")
     ckpt = Checkpointer(checkpoint_dir, StopRequest(), rank=rank, world_size=world_size, device=device, ddp=ddp,
                         save_every=args.save_every, keep_last=args.keep_last)
+    ckpt.check_space(model)
     step, meta, extra = 0, {}, {}
     if args.resume_from_step is not None:
         step, meta, extra = ckpt.resume(args.resume_from_step, model, optimizer, config,

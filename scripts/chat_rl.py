@@ -148,7 +148,7 @@ def evaluate_pass_at_k(engine, tokenizer, task, num_examples, k, max_new_tokens,
         counts[0] += 1
         for j in range(1, k + 1):
             counts[j] += int(any(outcomes[:j]))
-    if dist.is_initialized() and dist.get_world_size() > 1:
+    if world > 1:
         dist.all_reduce(counts, op=dist.ReduceOp.SUM)
     total = max(counts[0].item(), 1)
     return {f"pass@{j}": counts[j].item() / total for j in range(1, k + 1)}
@@ -233,8 +233,6 @@ def train(args, train_task=None, val_task=None):
     first_reward = loop_state.get("first_reward")
     last_reward, pass_at_k = loop_state.get("last_reward"), loop_state.get("pass_at_k")
     scaler, skipped_steps = grad_scaler(device), 0  # loss scaling under fp16
-    if master:
-        os.makedirs(checkpoint_dir, exist_ok=True)
 
     while True:
         last_step = step == num_steps

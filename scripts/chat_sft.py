@@ -33,7 +33,6 @@ from nanochat.checkpoint import append_log, build_model, get_checkpoints_root, l
 from nanochat.common import (  # noqa: E402
     COMPUTE_DTYPE,
     NanochatError,
-    check_free_space,
     compute_cleanup,
     compute_init,
     fit_horizon,
@@ -46,7 +45,7 @@ from nanochat.common import (  # noqa: E402
 from nanochat.loss_eval import evaluate_bpb, one_pass  # noqa: E402
 from nanochat.optim import grad_scaler, lr_multiplier_by_progress, muon_momentum, optimizer_step, scale_loss  # noqa: E402
 from nanochat.tokenizer import check_conversation, get_token_bytes  # noqa: E402
-from nanochat.training import Checkpointer, StepMeter, StopRequest, interpreter_restored  # noqa: E402
+from nanochat.training import Checkpointer, StepMeter, StopRequest, accumulation_steps, interpreter_restored  # noqa: E402
 
 MAX_CONVERSATION_TOKENS = 2048  # render_conversation's default cut: a longer conversation is truncated
 MUON_MOMENTUM_RAMP = 300  # steps for Muon momentum 0.85 -> 0.95: finetuning starts from trained weights
@@ -142,10 +141,13 @@ class ConversationList:
 # The mixture
 
 
-def _build_components(components, strict, TaskDataMissing):
-    """Instantiate (name, factory) pairs; returns (tasks, names of the components that have data). A component whose data is absent is skipped with one
-    warning naming it (an error with --strict-data); a name repeated for epochs warns once.
-    len() forces lazy datasets to load here, not in the middle of training."""
+def _build_components(components, strict):
+    """Instantiate (name, factory) pairs; returns (tasks, names of the components that have data).
+    A component whose data is absent is skipped with one warning naming it (an error with
+    --strict-data); a name repeated for epochs warns once. len() forces lazy datasets to load
+    here, not in the middle of training."""
+    from nanochat.tasks.common import TaskDataMissing
+
     tasks, names, missing = [], [], set()
     for name, factory in components:
         if name in missing:
@@ -203,7 +205,7 @@ def build_mixtures(args):
         ("MMLU test[:5200]", lambda: MMLU(subset="all", split="test", stop=5200, data_dir=d)),
         ("GSM8K main test[:420]", lambda: GSM8K(subset="main", split="test", stop=420, data_dir=d)),
     ]
-    val_tasks, val_names = _build_components(val_components, args.strict_data, TaskDataMissing)
+    val_tasks, val_names = _build_components(val_components, args.strict_data)
     # Offline without task data the identity conversations are still there (the pipeline generates
     # them): validate on their last tenth and train on the rest, rather than stop.
     held_out = 0
@@ -229,7 +231,7 @@ def build_mixtures(args):
         ("SimpleSpelling 200K", lambda: SimpleSpelling(size=200000, split="train", data_dir=d)),
         ("SpellingBee 80K", lambda: SpellingBee(size=80000, split="train", data_dir=d)),
     ]
-    train_tasks, train_names = _build_components(train_components, args.strict_data, TaskDataMissing)
+    train_tasks, train_names = _build_components(train_components, args.strict_data)
     if not train_tasks:
         raise NanochatError("no training data: every mixture component is missing; fetch the task data "
                             "(or point --data-dir at it), or train on your own file with --mixture=FILE.jsonl.")
@@ -404,13 +406,8 @@ def train(args):
     config = model.config
 
     tokens_per_micro = device_batch_size * max_seq_len
-    if total_batch_size % (tokens_per_micro * world_size) != 0:
-        raise NanochatError(
-            f"total batch size {total_batch_size} is not divisible by device_batch_size*max_seq_len*world_size "
-            f"= {device_batch_size}*{max_seq_len}*{world_size} = {tokens_per_micro * world_size}; "
-            f"pass --total-batch-size or --device-batch-size to fix it.")
-    grad_accum_steps = total_batch_size // (tokens_per_micro * world_size)
-    print0(f"Tokens per micro-batch per rank: {tokens_per_micro:,}; gradient accumulation steps: {grad_accum_steps}")
+    grad_accum_steps = accumulation_steps(total_batch_size, device_batch_size, max_seq_len, world_size,
+                                          "pass --total-batch-size or --device-batch-size to fix it")
 
     # optimizer: fresh SFT LRs, no weight decay; optionally the base run's moment buffers
     optimizer = model.setup_optimizer(unembedding_lr=unembedding_lr, embedding_lr=embedding_lr,
@@ -439,10 +436,9 @@ def train(args):
 
     # resume this SFT run
     checkpoint_dir = os.path.join(get_checkpoints_root("sft"), output_tag)
-    n_params = sum(p.numel() for p in model.parameters())  # fp32 weights and about twice that in optimizer state
-    check_free_space(get_base_dir(), 12 * n_params * max(1, args.keep_last), "a checkpoint of this model")
     ckpt = Checkpointer(checkpoint_dir, StopRequest(), rank=rank, world_size=world_size, device=device, ddp=ddp,
                         save_every=args.save_every, keep_last=args.keep_last)
+    ckpt.check_space(model)
     step, meta, loader_state = 0, {}, None
     if args.resume_from_step is not None:
         step, meta, extra = ckpt.resume(args.resume_from_step, model, optimizer, config,
@@ -464,14 +460,17 @@ def train(args):
     train_loader = SFTLoader(train_data, tokenizer, device_batch_size, max_seq_len, rank, world_size, device,
                              state=loader_state)
 
+    eval_steps = max(1, args.eval_tokens // (tokens_per_micro * world_size))
+
     def build_val_loader():  # at most one pass over the validation conversations, whatever --eval-tokens asks
         loader = SFTLoader(val_data, tokenizer, device_batch_size, max_seq_len, rank, world_size, device)
         return one_pass(loader, lambda state: state["consumed"] >= len(val_data))
 
-    if args.num_iterations > 0:  # a fixed horizon may cycle a small mixture: say so up front, with the numbers
+    horizon = args.num_iterations if args.num_iterations > 0 else None  # None: one pass over the mixture
+    if horizon:  # a fixed horizon may cycle a small mixture: say so up front, with the numbers
         sample = range(0, dataset_size, max(1, dataset_size // 200))
         mean = sum(len(train_loader._render(i)[0]) for i in sample) / len(sample)
-        fit_horizon(args.num_iterations, total_batch_size, int(mean * dataset_size))
+        fit_horizon(horizon, total_batch_size, int(mean * dataset_size))
     x, y, next_loader_state = next(train_loader)
     trained_loader_state = loader_state  # the position after the last batch trained on
 
@@ -483,13 +482,11 @@ def train(args):
     chatcore_value = loop_state.get("chatcore")
     val_bpb = None
     scaler, skipped_steps = grad_scaler(device), 0  # loss scaling under fp16
-    if master:
-        os.makedirs(checkpoint_dir, exist_ok=True)
 
     while True:
         # when to stop, and where the next batch sits in the data: the same on every rank
-        if args.num_iterations > 0:
-            last_step, progress = step >= args.num_iterations, step / args.num_iterations
+        if horizon:
+            last_step, progress = step >= horizon, step / horizon
         else:
             # ranks consume conversations at different rates: the furthest one decides. Whole
             # counts travel as int64 (exact, and Apple's MPS has no float64).
@@ -502,7 +499,6 @@ def train(args):
 
         if args.eval_every > 0 and (last_step or step % args.eval_every == 0):
             model.eval()
-            eval_steps = max(1, args.eval_tokens // (tokens_per_micro * world_size))
             val_bpb = evaluate_bpb(model, build_val_loader(), eval_steps, token_bytes)
             min_val_bpb = min(min_val_bpb, val_bpb)
             if initial_val_bpb is None:
@@ -517,14 +513,13 @@ def train(args):
             orig_model.eval()
             core = run_chatcore(orig_model, tokenizer, args, device_batch_size)
             orig_model.train()
-            if core is not None:
-                chatcore_value = core["chatcore"]
-                shown = ", ".join(f"{k}: {v:.4f}" for k, v in core["results"].items())
-                print0(f"Step {step:05d} | ChatCORE: {core['chatcore']} | ChatCORE_cat: {core['chatcore_cat']} | {shown}")
-                wandb_run.log({"step": step, "chatcore_metric": core["chatcore"], "chatcore_cat": core["chatcore_cat"],
-                               **{f"chatcore/{k}": v for k, v in core["results"].items()}})
-                if master:
-                    append_log(ckpt.log_path, {"step": step, **core})
+            chatcore_value = core["chatcore"]
+            shown = ", ".join(f"{k}: {v:.4f}" for k, v in core["results"].items())
+            print0(f"Step {step:05d} | ChatCORE: {core['chatcore']} | ChatCORE_cat: {core['chatcore_cat']} | {shown}")
+            wandb_run.log({"step": step, "chatcore_metric": core["chatcore"], "chatcore_cat": core["chatcore_cat"],
+                           **{f"chatcore/{k}": v for k, v in core["results"].items()}})
+            if master:
+                append_log(ckpt.log_path, {"step": step, **core})
 
         if ckpt.due(step, last_step):
             ckpt.save(step, orig_model, optimizer, {
@@ -569,7 +564,6 @@ def train(args):
 
         # ---- logging ----
         debiased = meter.smoothed(train_loss, step)
-        horizon = args.num_iterations if args.num_iterations > 0 else None
         done = (step + 1) / horizon if horizon else progress
         meter.log(step, done, {"loss": f"{debiased:.6f}", "lrm": f"{lrm:.2f}", "epoch": next_loader_state["epoch"]},
                   {"loss": train_loss, "smooth_loss": debiased, "lrm": lrm, "progress": progress}, total_batch_size,

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from nanochat import training
-from nanochat.common import DummyWandb
+from nanochat.common import DummyWandb, NanochatError
 from nanochat.training import Checkpointer, StepMeter, interpreter_restored
 
 
@@ -78,3 +78,23 @@ def test_saves_are_due_at_the_cadence_and_the_last_step_but_not_at_the_resumed_s
                         save_every=3)
     ckpt.resume_step = 6
     assert [s for s in range(6, 11) if ckpt.due(s, last_step=s == 10)] == [9, 10]
+
+
+def test_check_space_asks_for_twelve_bytes_a_parameter_per_kept_checkpoint(tmp_path, monkeypatch):
+    model = torch.nn.Linear(10, 10)  # 110 parameters: 1320 bytes a checkpoint
+    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(tmp_path))
+    free = {"bytes": 3 * 1320}
+    monkeypatch.setattr("nanochat.common.shutil.disk_usage", lambda path: type("Usage", (), {"free": free["bytes"]}))
+    kwargs = dict(rank=0, world_size=1, device=torch.device("cpu"), ddp=False)
+    Checkpointer(str(tmp_path), Never(), keep_last=3, **kwargs).check_space(model)
+    Checkpointer(str(tmp_path), Never(), **kwargs).check_space(model)  # keeps all: room for one is asked
+    free["bytes"] -= 1
+    with pytest.raises(NanochatError, match="free some space"):
+        Checkpointer(str(tmp_path), Never(), keep_last=3, **kwargs).check_space(model)
+
+
+def test_accumulation_steps_fill_the_total_batch_exactly_or_refuse_with_the_fix(capsys):
+    assert training.accumulation_steps(4 * 2 * 64 * 3, 4, 64, 2, "fix it") == 3
+    assert "gradient accumulation steps: 3" in capsys.readouterr().out
+    with pytest.raises(NanochatError, match=r"= 4\*64\*2 = 512; pass --device-batch-size\.$"):
+        training.accumulation_steps(512 * 3 + 64, 4, 64, 2, "pass --device-batch-size")

@@ -83,6 +83,11 @@ class Job:
         except RuntimeError:  # the loop is gone (shutdown)
             pass
 
+    def fail(self):
+        """The engine failed on this request (the caller logged why). The exception text can hold
+        paths and internals: the client gets only the request id to find it in the log."""
+        self.push("error", f"Generation failed (request id {self.id}); the details are in the server log.")
+
     def batch_key(self):
         return (self.temperature, self.top_k, self.top_p)
 
@@ -288,18 +293,13 @@ class WorkerPool:
                 else:
                     self._serve_many(worker, jobs)
             except Exception:  # the engine failed: tell every client of this batch, keep serving
-                # the exception text can hold paths and internals: it goes to the log, not to clients
                 logger.exception(f"generation failed for {' '.join(job.id for job in jobs)}")
                 for job in jobs:
-                    job.push("error", f"Generation failed (request id {job.id}); the details are in the server log.")
+                    job.fail()
             finally:
-                worker.requests_served += len(jobs)
                 with self.cond:
                     worker.busy = False
-                    self.running.difference_update(jobs)
-                    self.requests_completed += len(jobs)
-                    took = time.monotonic() - jobs[0].started
-                    self.service_time_ewma = took if self.service_time_ewma is None else 0.8 * self.service_time_ewma + 0.2 * took
+                self._jobs_done(worker, jobs)
 
     def _rows(self, job):
         return [RowDecoder(self.tokenizer, self.specials, job.max_tokens, job.stops) for _ in range(job.n)]
@@ -447,13 +447,15 @@ class WorkerPool:
             batch.close()
             worker.busy = False
 
-    def _job_done(self, worker, job):
-        worker.requests_served += 1
+    def _jobs_done(self, worker, jobs):
+        """Count `jobs` (started together, or never started) as served, and fold the time they took
+        into the service time that Retry-After estimates from."""
+        worker.requests_served += len(jobs)
         with self.cond:
-            self.running.discard(job)
-            self.requests_completed += 1
-            if job.started is not None:
-                took = time.monotonic() - job.started
+            self.running.difference_update(jobs)
+            self.requests_completed += len(jobs)
+            if jobs[0].started is not None:
+                took = time.monotonic() - jobs[0].started
                 self.service_time_ewma = took if self.service_time_ewma is None else 0.8 * self.service_time_ewma + 0.2 * took
 
 
@@ -475,7 +477,7 @@ class StepBatch:
         """Add the job's rows to the session (prefilled at the next step). A single reply keeps
         its final KV cache in the engine's prefix store, so the chat's next turn reuses it."""
         if self.pool._expired(job):
-            return self.pool._job_done(self.worker, job)
+            return self.pool._jobs_done(self.worker, [job])
         if self.session is None:
             # no max_rows: the pool bounds the rows itself (a job of more than max_batch rows runs alone)
             self.session = self.worker.engine.session()
@@ -529,16 +531,15 @@ class StepBatch:
             self.owner.pop(row_id, None)
         if ended:
             self.pool._end(self.worker, job, rows)
-        self.pool._job_done(self.worker, job)
+        self.pool._jobs_done(self.worker, [job])
 
     def _fail(self, jobs):
-        # the exception text can hold paths and internals: it goes to the log, not to clients
         for job in jobs:
-            job.push("error", f"Generation failed (request id {job.id}); the details are in the server log.")
+            job.fail()
             if job.id in self.jobs:
                 self._retire(job, ended=False)
             else:
-                self.pool._job_done(self.worker, job)
+                self.pool._jobs_done(self.worker, [job])
         if not self.jobs:
             self.close()
 

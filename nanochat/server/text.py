@@ -62,12 +62,15 @@ class RowDecoder:
         self.tokens = []  # every token fed, as generated
         self.sent = []  # the text of every delta released (markers included)
         self.stop = StopMatcher(stops) if stops else None
-        self.num_tokens = 0
         self.finish_reason = None  # "stop" | "length" once finished
 
     @property
     def done(self):
         return self.finish_reason is not None
+
+    @property
+    def num_tokens(self):
+        return len(self.tokens)
 
     def _out(self, part, text, out):
         out.append((part, text))
@@ -103,7 +106,6 @@ class RowDecoder:
         if self.done:
             return out
         self.tokens.append(token)
-        self.num_tokens += 1
         special = self.specials.get(token)
         if special in TERMINAL_TOKENS:
             self._finish("stop", out)
