@@ -34,7 +34,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from nanochat.common import COMPUTE_DTYPE, NanochatError
+from nanochat.common import COMPUTE_DTYPE, NanochatError, print0
 
 # -----------------------------------------------------------------------------
 # Constants
@@ -448,10 +448,10 @@ def scale_loss(loss, scaler):
     return scaler.scale(loss) if scaler is not None else loss
 
 
-def optimizer_step(optimizer, scaler):
+def optimizer_step(optimizer, scaler, step):
     """optimizer.step(); with a GradScaler: unscale the gradients, agree across ranks whether any
     rank's are inf/NaN (the optimizer's collectives need every rank to skip the same steps),
-    step only if none are, and update the scale. Returns False for a skipped step."""
+    step only if none are, and update the scale. A skipped step is said (rank 0) and returns False."""
     if scaler is None:
         optimizer.step()
         return True
@@ -463,6 +463,8 @@ def optimizer_step(optimizer, scaler):
     skipped = any(v.item() for v in found.values())
     scaler.step(optimizer)
     scaler.update()
+    if skipped:
+        print0(f"step {step:05d}: inf/NaN gradients under fp16, step skipped (loss scale now {scaler.get_scale():g})")
     return not skipped
 
 

@@ -350,7 +350,7 @@ def train(args):
             if group["kind"] == "muon":
                 group["momentum"] = momentum
                 group["weight_decay"] = muon_wd
-        optimizer_step(optimizer, scaler)
+        optimizer_step(optimizer, scaler, step)  # under fp16 an inf/NaN step is skipped, and said
         model.zero_grad(set_to_none=True)
         train_loss = meter.mean_over_ranks(loss_sum / grad_accum_steps)
 

@@ -281,9 +281,8 @@ def train(args, train_task=None, val_task=None):
         lrm = lr_multiplier_by_progress(step / num_steps, 0.0, 1.0, 0.0)  # linear to 0 over the run; momentum stays 0.95
         for group in optimizer.param_groups:
             group["lr"] = group["initial_lr"] * lrm
-        if not optimizer_step(optimizer, scaler):
+        if not optimizer_step(optimizer, scaler, step):
             skipped_steps += 1
-            print0(f"step {step:05d}: inf/NaN gradients under fp16, step skipped (loss scale now {scaler.get_scale():g})")
         model.zero_grad(set_to_none=True)
         # fp32 (MPS has no float64): the counts stay far below 2^24, where fp32 is still exact
         stats = torch.tensor([reward_sum, examples_per_rank * args.num_samples, generated, trained],

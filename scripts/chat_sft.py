@@ -556,9 +556,8 @@ def train(args):
             group["lr"] = group["initial_lr"] * lrm
             if group["kind"] == "muon":
                 group["momentum"] = momentum
-        if not optimizer_step(optimizer, scaler):
+        if not optimizer_step(optimizer, scaler, step):
             skipped_steps += 1
-            print0(f"step {step:05d}: inf/NaN gradients under fp16, step skipped (loss scale now {scaler.get_scale():g})")
         model.zero_grad(set_to_none=True)
         train_loss = meter.mean_over_ranks(loss_sum / grad_accum_steps)
 

@@ -330,7 +330,7 @@ def _muon_problem(seed=0):
     return params, MuonAdamW(groups)
 
 
-def test_item8_optimizer_step_skips_inf_steps_and_backs_off():
+def test_item8_optimizer_step_skips_inf_steps_and_backs_off(capsys):
     from nanochat.optim import optimizer_step
     params, opt = _muon_problem()
     scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
@@ -339,12 +339,14 @@ def test_item8_optimizer_step_skips_inf_steps_and_backs_off():
     for p in params:
         p.grad = torch.full_like(p, 1024.0 * 0.01)
     params[1].grad[0, 0] = float("inf")
-    assert optimizer_step(opt, scaler) is False
+    assert optimizer_step(opt, scaler, 0) is False
     assert all(torch.equal(p, b) for p, b in zip(params, before))
     assert scaler.get_scale() == 512.0
+    assert "step 00000: inf/NaN gradients under fp16, step skipped (loss scale now 512)" in capsys.readouterr().out
     for p in params:
         p.grad = torch.full_like(p, 512.0 * 0.01)
-    assert optimizer_step(opt, scaler) is True
+    assert optimizer_step(opt, scaler, 1) is True
+    assert "skipped" not in capsys.readouterr().out
     assert not any(torch.equal(p, b) for p, b in zip(params, before))
     # the gradients reached the optimizer unscaled: same step as an unscaled run
     ref_params, ref = _muon_problem()
@@ -368,7 +370,7 @@ def _sync_worker(rank, world_size, init_file, out_dir):
                 p.grad = torch.full_like(p, 4.0 * 0.01 * (rank + 1))
             if step == 0 and rank == 1:
                 params[2].grad[1, 1] = float("nan")  # only rank 1 overflows
-            results.append(optimizer_step(opt, scaler))
+            results.append(optimizer_step(opt, scaler, step))
         torch.save({"results": results, "params": [p.detach() for p in params], "scale": scaler.get_scale()},
                    os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
