@@ -19,13 +19,13 @@ import re
 import torch
 import torch.distributed as dist
 
-from nanochat.common import NanochatError, atomic_path, get_base_dir, logger
+from nanochat.common import NanochatError, atomic_path, dist_rank_world, get_base_dir, logger
 
 PHASE_DIRS = {"base": "base_checkpoints", "sft": "chatsft_checkpoints", "rl": "chatrl_checkpoints"}
 
 
 def _barrier():
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+    if dist_rank_world()[1] > 1:
         dist.barrier()
 
 

@@ -7,6 +7,8 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+from nanochat.common import dist_rank_world
+
 
 def one_pass(batches, pass_done):
     """The (inputs, targets, state) batches of an endless loader up to and including the one
@@ -32,7 +34,7 @@ def evaluate_bpb(model, batches, steps, token_bytes, desc="val bpb"):
     total_nats = torch.zeros((), dtype=torch.int64, device=device)
     nonfinite = torch.zeros((), dtype=torch.int64, device=device)
     total_bytes = torch.zeros((), dtype=torch.int64, device=device)
-    rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+    rank, world = dist_rank_world()
     for _, batch in tqdm(zip(range(steps), batches), total=steps, desc=desc, leave=False, disable=rank != 0):
         x, y = batch[:2]
         loss = model(x, y, loss_reduction="none").view(-1).float()
@@ -44,7 +46,7 @@ def evaluate_bpb(model, batches, steps, token_bytes, desc="val bpb"):
         nonfinite += (~finite).sum()
         total_nats += (torch.where(finite, counted, 0.0) * NATS_UNIT).to(torch.int64).sum()
         total_bytes += num_bytes.sum().to(device, torch.int64)
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+    if world > 1:
         for t in (total_nats, nonfinite, total_bytes):
             dist.all_reduce(t, op=dist.ReduceOp.SUM)
     total_bytes = total_bytes.item()

@@ -34,7 +34,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from nanochat.common import COMPUTE_DTYPE, NanochatError, print0
+from nanochat.common import COMPUTE_DTYPE, NanochatError, dist_rank_world, print0
 
 # -----------------------------------------------------------------------------
 # Constants
@@ -224,11 +224,9 @@ class MuonAdamW(torch.optim.Optimizer):
         # data, not a new constant, so the compiled kernels do not recompile.
         self._adamw_hp = {k: torch.tensor(0.0) for k in ("step", "lr", "beta1", "beta2", "eps", "wd")}
         self._muon_hp = {k: torch.tensor(0.0) for k in ("momentum", "lr", "wd", "beta2")}
-        distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-        self.world_size = dist.get_world_size() if distributed else 1
-        self.rank = dist.get_rank() if distributed else 0
+        self.rank, self.world_size = dist_rank_world()
         self._avg_op = None
-        if distributed:
+        if self.world_size > 1:
             self._avg_op = dist.ReduceOp.AVG if dist.get_backend() == "nccl" else dist.ReduceOp.SUM
 
     # --- bookkeeping ---------------------------------------------------------
@@ -457,7 +455,7 @@ def optimizer_step(optimizer, scaler, step):
         return True
     scaler.unscale_(optimizer)
     found = scaler._found_inf_per_device(optimizer)
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+    if dist_rank_world()[1] > 1:
         for found_inf in found.values():
             dist.all_reduce(found_inf, op=dist.ReduceOp.MAX)
     skipped = any(v.item() for v in found.values())
