@@ -305,10 +305,10 @@ def decode_attention(q, k, v, k_cache, v_cache, layer, pos, mask, enable_gqa=Non
     place at [layer, b, pos[b]] (pos: int64 (B,)). The write indexes the full tensor rather than
     a per-layer view, so the compiler updates the cache in place instead of copying it back every
     step. `slots` (eager steps) is b * T_max + pos[b], made once per step: the write is then one
-    index_copy_ into the flattened layer. `mask` is a boolean (B, L) saying which of the first L
-    cache slots each row may see (the caller builds it from pos and the layer's window, once per
-    step); only those L slots are read, so the caller keeps L a bucket above the longest row
-    instead of T_max."""
+    index_copy_ into the flattened layer. `mask` (B, L), boolean or additive (0 or -inf), says
+    which of the first L cache slots each row may see (the caller builds it from pos and the
+    layer's window, once per step); only those L slots are read, so the caller keeps L a bucket
+    above the longest row instead of T_max."""
     B = q.size(0)
     if slots is not None:
         for cache, new in ((k_cache, k), (v_cache, v)):

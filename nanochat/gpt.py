@@ -143,9 +143,14 @@ class DecodeStep:
             self.slots = torch.arange(pos.size(0), device=pos.device) * k_cache.size(2) + pos
 
     def mask(self, left):
-        """(B, kv_len) visibility of the cache slots for a layer whose window reaches `left` back."""
+        """(B, kv_len) visibility of the cache slots for a layer whose window reaches `left` back.
+        An eager step turns it into additive form (0 seen, -inf hidden) once here, which attention
+        would otherwise redo from the boolean form in every layer; the scores are the same."""
         if left not in self.masks:
-            self.masks[left] = decode_mask(self.pos, self.kv_len, left)
+            mask = decode_mask(self.pos, self.kv_len, left)
+            if self.weights is not None:
+                mask = torch.zeros(mask.shape, dtype=self.k_cache.dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
+            self.masks[left] = mask
         return self.masks[left]
 
 
