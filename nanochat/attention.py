@@ -323,7 +323,7 @@ def decode_attention(q, k, v, k_cache, v_cache, layer, pos, mask, enable_gqa=Non
         enable_gqa = q.size(2) != k.size(2)
     keys, values = k_cache[layer, :B, :L], v_cache[layer, :B, :L]
     y = F.scaled_dot_product_attention(q.transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2),
-                                       attn_mask=mask[:, None, None, :], enable_gqa=enable_gqa)
+                                       attn_mask=mask.view(B, 1, 1, L), enable_gqa=enable_gqa)
     return y.transpose(1, 2)
 
 

@@ -75,7 +75,8 @@ class Linear(nn.Linear):
         super().__init__(in_features, out_features, bias=False, device=device, dtype=dtype)
 
     def forward(self, x):
-        return F.linear(x, self.weight.to(dtype=x.dtype))
+        w = self.weight
+        return F.linear(x, w if w.dtype == x.dtype else w.to(dtype=x.dtype))  # a no-op .to still costs a call
 
 
 class CausalSelfAttention(nn.Module):
@@ -382,7 +383,10 @@ class GPT(nn.Module):
         if targets is not None and use_fused:
             return softcap_cross_entropy(x.reshape(-1, x.size(-1)), weight, targets.reshape(-1), SOFTCAP, loss_reduction)
         logits = F.linear(x, weight.to(x.dtype)).float()
-        logits = SOFTCAP * torch.tanh(logits / SOFTCAP)
+        if logits.requires_grad:
+            logits = SOFTCAP * torch.tanh(logits / SOFTCAP)
+        else:  # the same ops in place (inference): no fresh (B, T, V) tensors
+            logits = logits.div_(SOFTCAP).tanh_().mul_(SOFTCAP)
         if targets is None:
             return logits
         return F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1,
