@@ -312,7 +312,7 @@ def decode_attention(q, k, v, k_cache, v_cache, layer, pos, mask, enable_gqa=Non
     B = q.size(0)
     if slots is not None:
         for cache, new in ((k_cache, k), (v_cache, v)):
-            cache[layer].view(-1, *cache.shape[3:]).index_copy_(0, slots, new[:, 0])
+            cache[layer].view(-1, *cache.shape[3:]).index_copy_(0, slots, new.squeeze(1))  # a view: written in place
     else:
         rows = torch.arange(B, device=q.device)
         layer_idx = torch.full((B,), layer, dtype=torch.long, device=q.device)
