@@ -305,14 +305,14 @@ def decode_attention(q, k, v, k_cache, v_cache, layer, pos, mask, enable_gqa=Non
     place at [layer, b, pos[b]] (pos: int64 (B,)). The write indexes the full tensor rather than
     a per-layer view, so the compiler updates the cache in place instead of copying it back every
     step. `slots` (eager steps) is b * T_max + pos[b], made once per step: the write is then one
-    index_copy_ into the flattened layer. `mask` is a boolean (B, L) saying which of the first L
-    cache slots each row may see (the caller builds it from pos and the layer's window, once per
-    step); only those L slots are read, so the caller keeps L a bucket above the longest row
-    instead of T_max."""
+    index_copy_ into the flattened layer. `mask` (B, L), boolean or additive (0 or -inf), says
+    which of the first L cache slots each row may see (the caller builds it from pos and the
+    layer's window, once per step); only those L slots are read, so the caller keeps L a bucket
+    above the longest row instead of T_max."""
     B = q.size(0)
     if slots is not None:
         for cache, new in ((k_cache, k), (v_cache, v)):
-            cache[layer].view(-1, *cache.shape[3:]).index_copy_(0, slots, new[:, 0])
+            cache[layer].view(-1, *cache.shape[3:]).index_copy_(0, slots, new.squeeze(1))  # a view: written in place
     else:
         rows = torch.arange(B, device=q.device)
         layer_idx = torch.full((B,), layer, dtype=torch.long, device=q.device)
@@ -323,7 +323,7 @@ def decode_attention(q, k, v, k_cache, v_cache, layer, pos, mask, enable_gqa=Non
         enable_gqa = q.size(2) != k.size(2)
     keys, values = k_cache[layer, :B, :L], v_cache[layer, :B, :L]
     y = F.scaled_dot_product_attention(q.transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2),
-                                       attn_mask=mask[:, None, None, :], enable_gqa=enable_gqa)
+                                       attn_mask=mask.view(B, 1, 1, L), enable_gqa=enable_gqa)
     return y.transpose(1, 2)
 
 

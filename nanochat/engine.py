@@ -103,7 +103,7 @@ def _filter(logits, temperature, top_k, top_p):
     if (top_k and 0 < top_k < V) or top_p < 1.0:
         k = top_k if top_k and 0 < top_k < V else V
         logits, idx = torch.topk(logits, k, dim=-1)  # sorted, largest first
-    probs = F.softmax(logits / temperature, dim=-1)
+    probs = F.softmax(logits if temperature == 1.0 else logits / temperature, dim=-1)  # x / 1 == x exactly
     if top_p < 1.0:
         above = probs.cumsum(dim=-1) - probs  # mass of the tokens ranked above each one
         probs = probs.masked_fill(above >= top_p, 0.0)
@@ -146,7 +146,8 @@ def _sample_rows(logits, rows):
             tokens = torch.argmax(sub, dim=-1)
         else:
             probs, idx = _filter(sub, temperature, top_k, top_p)
-            u = torch.cat([torch.rand(1, generator=rows[i].rng, device=logits.device) for i in members])
+            u = [torch.rand(1, generator=rows[i].rng, device=logits.device) for i in members]
+            u = u[0] if len(u) == 1 else torch.cat(u)
             tokens = _draw(probs, u)
             if idx is not None:
                 tokens = idx.gather(1, tokens.unsqueeze(1)).squeeze(1)

@@ -75,7 +75,8 @@ class Linear(nn.Linear):
         super().__init__(in_features, out_features, bias=False, device=device, dtype=dtype)
 
     def forward(self, x):
-        return F.linear(x, self.weight.to(dtype=x.dtype))
+        w = self.weight
+        return F.linear(x, w if w.dtype == x.dtype else w.to(dtype=x.dtype))  # a no-op .to still costs a call
 
 
 class CausalSelfAttention(nn.Module):
@@ -143,9 +144,16 @@ class DecodeStep:
             self.slots = torch.arange(pos.size(0), device=pos.device) * k_cache.size(2) + pos
 
     def mask(self, left):
-        """(B, kv_len) visibility of the cache slots for a layer whose window reaches `left` back."""
+        """(B, kv_len) visibility of the cache slots for a layer whose window reaches `left` back.
+        An eager step turns it into additive form (0 seen, -inf hidden) once here, which attention
+        would otherwise redo from the boolean form in every layer; the scores are the same."""
+        if left >= self.kv_len - 1:  # no slot read is further back than the window: the plain causal mask
+            left = -1
         if left not in self.masks:
-            self.masks[left] = decode_mask(self.pos, self.kv_len, left)
+            mask = decode_mask(self.pos, self.kv_len, left)
+            if self.weights is not None:
+                mask = torch.zeros(mask.shape, dtype=self.k_cache.dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
+            self.masks[left] = mask
         return self.masks[left]
 
 
@@ -377,7 +385,10 @@ class GPT(nn.Module):
         if targets is not None and use_fused:
             return softcap_cross_entropy(x.reshape(-1, x.size(-1)), weight, targets.reshape(-1), SOFTCAP, loss_reduction)
         logits = F.linear(x, weight.to(x.dtype)).float()
-        logits = SOFTCAP * torch.tanh(logits / SOFTCAP)
+        if logits.requires_grad:
+            logits = SOFTCAP * torch.tanh(logits / SOFTCAP)
+        else:  # the same ops in place (inference): no fresh (B, T, V) tensors
+            logits = logits.div_(SOFTCAP).tanh_().mul_(SOFTCAP)
         if targets is None:
             return logits
         return F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1,

@@ -23,7 +23,9 @@ def apply_rotary_emb(x, cos, sin):
         x1, x2 = x[..., :d], x[..., d:]
         return torch.cat((x1 * cos + x2 * sin, x2 * cos - x1 * sin), dim=3)
     if not (x.requires_grad and torch.is_grad_enabled()):  # inference: skip the autograd.Function's overhead
-        return _rotate(x, cos.to(x.dtype), sin.to(x.dtype), 1.0)
+        if cos.dtype != x.dtype:
+            cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+        return _rotate(x, cos, sin, 1.0)
     return _Rotary.apply(x, cos, sin)
 
 
