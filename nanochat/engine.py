@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from nanochat.common import COMPUTE_DTYPE, NanochatError
+from nanochat.gpt import GPT, DecodeStep, DecodeWeights
 
 
 class KVCache:
@@ -579,8 +580,6 @@ class Engine:
     sampled token only when a draw falls within ~1e-7 of a boundary between two tokens."""
 
     def __init__(self, model, tokenizer, compile=None, prefix_cache_bytes=256 << 20, batch_invariant=False):
-        from nanochat.gpt import GPT
-
         self.model = model
         self.tokenizer = tokenizer
         self.device = _device_of(model)
@@ -627,8 +626,6 @@ class Engine:
         return self.model.forward(ids, **kwargs)[:, -1, :]
 
     def _decode_step(self, ids, pos, k, v, prev, kv_len):
-        from nanochat.gpt import DecodeStep
-
         if self.compile:
             step = DecodeStep(k, v, prev, pos, kv_len)
             if self._compiled is None:
@@ -689,8 +686,6 @@ class Engine:
         eager step the DecodeWeights (stacked q/k/v matrices, scalars as Python floats)."""
         if self.reference_contract or not isinstance(self.model, torch.nn.Module):
             return
-        from nanochat.gpt import DecodeWeights
-
         if self._params is None:  # the model's structure is fixed; its values are not
             self._params = list(self.model.parameters())
             self._linears = [(name + ".weight", m) for name, m in self.model.named_modules()
