@@ -17,7 +17,9 @@ rows come and go between steps).
 
 import os
 import secrets
+import sys
 import threading
+import time
 import warnings
 from collections import OrderedDict, deque
 from contextlib import contextmanager
@@ -25,6 +27,7 @@ from contextlib import contextmanager
 import torch
 import torch.nn.functional as F
 
+from nanochat import aot
 from nanochat.common import COMPUTE_DTYPE, NanochatError
 from nanochat.gpt import GPT, DecodeStep, DecodeWeights
 
@@ -531,6 +534,21 @@ def _compile_default(device):
     return device.type == "cuda"
 
 
+def _aot_default(device):
+    """NANOCHAT_ENGINE_AOT=1|0 forces the ahead-of-time compiled step either way; by default the
+    CPU uses it (once built; see nanochat/aot.py) and CUDA uses torch.compile with CUDA graphs."""
+    env = os.environ.get("NANOCHAT_ENGINE_AOT", "").strip()
+    if env in ("0", "1"):
+        return env == "1"
+    if env:
+        raise NanochatError(f"NANOCHAT_ENGINE_AOT={env!r} is not understood; use 1 (compiled ahead of time) or 0 (eager).")
+    return device.type == "cpu"
+
+
+def aot_supported(model):
+    return isinstance(model, GPT) and aot.supported(model)
+
+
 def _step_fn(model, weights, ids, step):
     """The decode step: our model's forward on a DecodeStep, with the compute-dtype weight copies
     swapped in when there are any."""
@@ -539,18 +557,48 @@ def _step_fn(model, weights, ids, step):
     return model(ids, kv_cache=step)
 
 
-@contextmanager
-def _one_thread():
-    """Run a lone row's CPU step on one thread. Its matrix-vector products and small ops gain
-    little from a second thread, but every op then ends in a barrier where the first thread
-    spins until the second one is scheduled: on a busy machine that stalls each op (measured:
-    a lone row's step 10x slower on 2 loaded cores). The caller's setting is restored."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
+class _ThreadPicker:
+    """The thread count for CPU decode steps, chosen by timing the steps. Two cores stream a
+    step's weights about twice as fast as one (d4, one row, a quiet 2-core Xeon: 0.7 against
+    1.55 ms of matmuls), but on a busy machine every multi-threaded op ends at a barrier that
+    waits for a core to be free (a lone row's step measured 10x slower on 2 loaded cores). So
+    each count (1 and torch's setting) is timed, per kind of step (one row or several), the
+    faster one is used, and the other is timed again every PROBE steps as load comes and goes.
+    A batch's numbers do not depend on the thread count (its matmuls are split over the
+    output); a lone row's matrix-vector products may split a sum, so its logits can differ in
+    the last bits, like a lone row's against its batched self. batch_invariant=True keeps the
+    thread count fixed (tests/test_engine.py checks both on the machine)."""
+
+    PROBE = 50
+
+    def __init__(self, enabled):
+        self.counts = sorted({1, torch.get_num_threads()}) if enabled else []
+        self.seconds = {}  # (several rows, threads) -> smoothed seconds per step
+        self.steps = {}
+
+    @contextmanager
+    def pick(self, rows):
+        if len(self.counts) < 2:
+            yield
+            return
+        kind = rows > 1
+        n = self.steps[kind] = self.steps.get(kind, 0) + 1
+        timed = [(self.seconds[kind, c], c) for c in self.counts if (kind, c) in self.seconds]
+        if len(timed) < len(self.counts):
+            threads = self.counts[len(timed)]
+        else:
+            best = min(timed)[1]
+            threads = next(c for c in self.counts if c != best) if n % self.PROBE == 0 else best
+        before = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            dt = time.perf_counter() - t0
+            torch.set_num_threads(before)
+            old = self.seconds.get((kind, threads))
+            self.seconds[kind, threads] = dt if old is None else 0.5 * (old + dt)
 
 
 def _device_of(model):
@@ -579,7 +627,7 @@ class Engine:
     lone row may differ from its batched self in the last bits of its logits, which changes a
     sampled token only when a draw falls within ~1e-7 of a boundary between two tokens."""
 
-    def __init__(self, model, tokenizer, compile=None, prefix_cache_bytes=256 << 20, batch_invariant=False):
+    def __init__(self, model, tokenizer, compile=None, prefix_cache_bytes=256 << 20, batch_invariant=False, aot=None):
         self.model = model
         self.tokenizer = tokenizer
         self.device = _device_of(model)
@@ -587,7 +635,13 @@ class Engine:
         self.reference_contract = not isinstance(model, GPT)
         self.compile = (_compile_default(self.device) if compile is None else bool(compile)) and not self.reference_contract
         self._compiled = None
+        # on the CPU the decode step is compiled ahead of time once per model shape and kept on disk
+        self.aot = ((_aot_default(self.device) if aot is None else bool(aot)) and not self.compile
+                    and not self.reference_contract and aot_supported(model))
+        self._aot_build = self._aot_run = self._aot_weights = None
+        self._spans = {}  # attention span L -> the (L,) tensor that carries it into the compiled step
         self.batch_invariant = batch_invariant
+        self._threads = _ThreadPicker(self.device.type == "cpu" and not batch_invariant)
         self.prefix_store = PrefixStore(prefix_cache_bytes) if prefix_cache_bytes else None
         self._params = self._linears = None
         self._weights = None  # compute-dtype copies of the matmul weights (see _refresh_weights)
@@ -641,11 +695,56 @@ class Engine:
                 self.compile = False
                 self._weight_versions = None  # remade with the eager step's DecodeWeights
                 self._refresh_weights()
+        run = self._aot_step() if self.aot else None
+        if run is not None:
+            span = self._spans.get(kv_len)
+            if span is None:
+                span = self._spans[kv_len] = torch.empty(kv_len, dtype=torch.int8, device=self.device)
+            try:
+                with self._threads.pick(ids.size(0)):
+                    return run(ids, pos, span, k, v, prev, self._aot_weights)
+            except Exception as e:  # e.g. a package from another build of torch: the same math, eagerly
+                warnings.warn(f"the ahead-of-time compiled decode step failed ({type(e).__name__}: {e}); "
+                              f"decoding eagerly", stacklevel=2)
+                self.aot = False
         step = DecodeStep(k, v, prev, pos, kv_len, self._decode_weights)
-        if ids.size(0) == 1 and self.device.type == "cpu":
-            with _one_thread():
-                return _step_fn(self.model, self._weights, ids, step)[:, -1, :]
-        return _step_fn(self.model, self._weights, ids, step)[:, -1, :]
+        with self._threads.pick(ids.size(0)):
+            return _step_fn(self.model, self._weights, ids, step)[:, -1, :]
+
+    def _aot_step(self):
+        """The ahead-of-time compiled step once its package exists (see nanochat/aot.py), else None;
+        the first call starts the build in the background."""
+        if self._aot_run is not None:
+            return self._aot_run
+        if self._aot_build is None:
+            self._aot_build = aot.Build(self.model)
+        path = self._aot_build.ready()
+        if path is None:
+            if self._aot_build.error is not None:
+                warnings.warn(f"no ahead-of-time compiled decode step: {self._aot_build.error}; decoding eagerly",
+                              stacklevel=3)
+                self.aot = False
+            return None
+        try:
+            self._aot_run = aot.load(path)
+        except Exception as e:
+            warnings.warn(f"loading the compiled decode step {path} failed ({type(e).__name__}: {e}); decoding "
+                          f"eagerly (delete the file to rebuild it)", stacklevel=3)
+            self.aot = False
+        return self._aot_run
+
+    def wait_for_compile(self, timeout=None):
+        """Block until the ahead-of-time step is built (or its build failed, or timeout seconds
+        passed); a no-op when the engine does not use one. Returns whether it is ready."""
+        if not self.aot:
+            return False
+        if self._aot_build is None:
+            self._aot_build = aot.Build(self.model)
+        if self._aot_build.proc is not None:
+            print(f"compiling the decode step for this model shape once (a minute or so on a few CPU cores); "
+                  f"cached in {self._aot_build.path}", file=sys.stderr, flush=True)
+        self._aot_build.wait(timeout)
+        return self._aot_step() is not None
 
     def _new_cache(self, rows, length):
         """Zeroed keys, values (n_layer, rows, length, Hkv, D) and previous embeddings (rows, 1, C)."""
@@ -702,6 +801,7 @@ class Engine:
                 self._weights = {name: w.detach().to(COMPUTE_DTYPE) for name, w in linears}
         # a compiled step fuses by itself, and would recompile whenever a scalar changed
         self._decode_weights = None if self.compile else DecodeWeights(self.model, COMPUTE_DTYPE)
+        self._aot_weights = aot.weights_of(self.model) if self.aot else None
         self._weight_versions = versions
 
     def _advance_tools(self, row, sampled):
@@ -735,15 +835,20 @@ class Engine:
     @torch.inference_mode()
     def warmup(self):
         """Run prefill, batched decode and sampling once, so the first request pays no one-time
-        costs (allocator, a compile when enabled). A server calls it before it says it is ready."""
+        costs (allocator, a compile when enabled). On the CPU it first waits for the ahead-of-time
+        compiled step (seconds to a minute the first time a model shape is seen, then a file
+        load). A server calls it before it says it is ready."""
+        self.wait_for_compile()
         store, self.prefix_store = self.prefix_store, None
         try:
-            sess = self.session()
-            sess.add([0, 1], n=2, max_tokens=3, temperature=1.0, top_k=5, top_p=0.9, seed=0)
-            while len(sess):
-                sess.step()
+            for n in (1, 2):  # a lone row and a batch: each kind of step once per thread count
+                sess = self.session()
+                sess.add([0, 1], n=n, max_tokens=4, temperature=1.0, top_k=5, top_p=0.9, seed=0)
+                while len(sess):
+                    sess.step()
         finally:
             self.prefix_store = store
+        self._threads.seconds.clear()  # first steps pay one-time costs: no guide to the thread count
 
     # --- public API ------------------------------------------------------------------
 

@@ -7,6 +7,9 @@ import pytest
 import torch
 
 os.environ.setdefault("NANOCHAT_COMPILE_OPTIM", "0")
+# engines decode eagerly: an ahead-of-time build per tiny test model would cost ~20 s each;
+# tests/test_aot.py builds one and turns it on where it is under test
+os.environ.setdefault("NANOCHAT_ENGINE_AOT", "0")
 torch.set_num_threads(1)
 
 SHARED_DATA = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data")

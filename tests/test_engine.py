@@ -638,3 +638,67 @@ def test_session_cache_grows_in_rows_and_positions_without_changing_tokens(token
     assert sess.k is not None and tuple(sess.k.shape[1:3]) == (10, 512)  # doubled rows, a longer context
     assert [alone_short[i][:1] + out[r] for i, r in enumerate(first)] == alone_short
     assert out[late] == alone_long
+
+
+# -----------------------------------------------------------------------------
+# the thread count of CPU decode steps
+
+
+def test_thread_picker_uses_the_faster_count_and_tries_the_other_again(monkeypatch):
+    """Each count is timed first; then the faster one is used, and the other is timed again every
+    PROBE steps, so a machine that gets busy (two threads suddenly slow) moves to one thread."""
+    import nanochat.engine as engine_mod
+
+    picker = engine_mod._ThreadPicker(True)
+    picker.counts = [1, 2]
+    cost = {1: 3.0, 2: 1.0}  # seconds per step by thread count: a quiet machine
+    clock = [0.0]
+
+    def perf_counter():
+        return clock[0]
+
+    monkeypatch.setattr(engine_mod.time, "perf_counter", perf_counter)
+    before = torch.get_num_threads()
+
+    def steps(n, rows=1):
+        used = []
+        for _ in range(n):
+            with picker.pick(rows):
+                used.append(torch.get_num_threads())
+                clock[0] += cost[used[-1]]
+        return used
+
+    used = steps(picker.PROBE * 2 - 2)
+    assert used[:2] == [1, 2] and set(used[2:picker.PROBE - 1]) == {2}
+    assert used.count(1) == 2  # the first timing and one probe at step PROBE
+    assert torch.get_num_threads() == before  # restored after each step
+    cost[2] = 10.0  # load arrives: two threads now wait for a core at every op
+    used = steps(picker.PROBE * 2)
+    assert used[-picker.PROBE:].count(2) <= 1  # back to one thread after the next probe
+    assert steps(3, rows=8)[:2] == [1, 2]  # batches are timed on their own
+
+
+def test_decode_step_numbers_do_not_depend_on_the_thread_count(tokenizer):
+    """The picker may change the thread count between steps: a batch's numbers must not change
+    with it; a lone row's matrix-vector products may sum in another order (float rounding)."""
+    model = build(n_head=4, n_kv_head=2, sequence_len=256)
+    engine = Engine(model, tokenizer, compile=False)
+    engine._refresh_weights()
+    c = model.config
+    k = torch.randn(c.n_layer, 4, 256, c.n_kv_head, c.n_embd // c.n_head)
+    v, prev = torch.randn_like(k), torch.randn(4, 1, c.n_embd)
+    ids, pos = torch.tensor([[3], [40], [7], [9]]), torch.tensor([5, 30, 0, 70])
+    before = torch.get_num_threads()
+    out = {}
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            with torch.inference_mode():
+                for rows in (1, 4):
+                    kk, vv, pp = k.clone(), v.clone(), prev.clone()
+                    out[threads, rows] = (engine._decode_step(ids[:rows], pos[:rows], kk, vv, pp, 128), kk, vv, pp)
+    finally:
+        torch.set_num_threads(before)
+    assert all(torch.equal(a, b) for a, b in zip(out[1, 4], out[2, 4]))
+    for a, b in zip(out[1, 1], out[2, 1]):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
