@@ -17,13 +17,15 @@ process at low priority (~20-60 s on 2 cores) while the engine decodes eagerly; 
 switches at the first step after the library appears. Engine.warmup() waits for it instead,
 so a server says it is ready only once it decodes at full speed.
 
-Builds live in <base_dir>/aot/<key>.pt2 with the build's log beside them; a failed build
-leaves <key>.failed (its log) and is not retried until that file is deleted.
+Builds live in <base_dir>/aot/<key>.pt2; while one is made, <key>.building holds the builder's
+pid and <key>.<pid>.log its output; a failed build leaves <key>.failed (its log) and is not
+retried until that file is deleted.
 
     python -m nanochat.aot --depth 4 --vocab 8192 --seq-len 256    # build one ahead of use
 """
 
 import argparse
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -131,28 +133,47 @@ def load(path):
 
 
 class Build:
-    """A package for a model: found on disk, or being built by a child process at low priority.
-    ready() never blocks; wait() does."""
+    """A package for a model: found on disk, or being built by a child process at low priority
+    (by this process, or by another one that holds <key>.building with its builder's pid: two
+    ranks or two scripts never build the same package at once). ready() never blocks; wait() does."""
 
     def __init__(self, model):
         self.path = package_path(model)
-        self.failed = self.path[:-len(".pt2")] + ".failed"
-        self.proc = None
+        stem = self.path[:-len(".pt2")]
+        self.failed, self.lock, self.log = stem + ".failed", stem + ".building", f"{stem}.{os.getpid()}.log"
+        self.proc = None  # our builder
+        self.other = None  # the pid of another process's builder
         self.error = None
+        self._start(model.config)
+
+    def _start(self, config):
         if os.path.exists(self.path):
             return
         if os.path.exists(self.failed):
             self.error = f"an earlier build failed (log: {self.failed}; delete it to try again)"
             return
-        cmd = self.command(model.config)
-        env = dict(os.environ, NANOCHAT_DTYPE=str(COMPUTE_DTYPE).removeprefix("torch."), NANOCHAT_FORCE_DTYPE="1")
         os.makedirs(os.path.dirname(self.path), exist_ok=True)
-        self.log = self.path[:-len(".pt2")] + f".{os.getpid()}.log"
+        try:
+            fd = os.open(self.lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            pid = _pid_in(self.lock)
+            if pid is not None and _alive(pid):
+                self.other = pid
+                return
+            if pid is None and time.time() - _mtime(self.lock) < 5:  # its builder is being started
+                time.sleep(0.1)
+                return self._start(config)
+            with contextlib.suppress(FileNotFoundError):  # left by a builder that died: take over
+                os.remove(self.lock)
+            return self._start(config)
+        env = dict(os.environ, NANOCHAT_DTYPE=str(COMPUTE_DTYPE).removeprefix("torch."), NANOCHAT_FORCE_DTYPE="1")
         with open(self.log, "w") as log:
             # its own session: a Ctrl-C that stops a chat does not cut a build short; niced: a
             # build on a busy machine yields to the decoding it is meant to speed up
-            self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
+            self.proc = subprocess.Popen(self.command(config), stdout=log, stderr=subprocess.STDOUT, env=env,
                                          start_new_session=True, preexec_fn=lambda: os.nice(10))
+        with os.fdopen(fd, "w") as f:
+            f.write(str(self.proc.pid))
 
     def command(self, config):
         return [sys.executable, "-m", "nanochat.aot", "--out", self.path, "--config",
@@ -167,20 +188,58 @@ class Build:
             if rc is None:
                 return None
             self.proc = None
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(self.lock)
             if rc != 0 or not os.path.exists(self.path):
                 os.replace(self.log, self.failed)
                 self.error = f"the build exited with status {rc} (log: {self.failed}; delete it to try again)"
                 return None
             os.remove(self.log)
+        elif self.other is not None and not os.path.exists(self.path):
+            if _alive(self.other):
+                return None
+            self.other = None
+            self.error = f"another process's build (pid in {self.lock}) ended without a package"
+            if os.path.exists(self.failed):
+                self.error = f"another process's build failed (log: {self.failed}; delete it to try again)"
+            return None
         return self.path
 
     def wait(self, timeout=None):
+        end = None if timeout is None else time.monotonic() + timeout
         if self.proc is not None:
-            try:
+            with contextlib.suppress(subprocess.TimeoutExpired):
                 self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                pass
+        while self.other is not None and self.ready() is None and self.error is None:
+            if end is not None and time.monotonic() > end:
+                break
+            time.sleep(0.2)
         return self.ready()
+
+
+def _pid_in(path):
+    try:
+        with open(path) as f:
+            return int(f.read().strip() or "x")
+    except (OSError, ValueError):
+        return None
+
+
+def _mtime(path):
+    try:
+        return os.path.getmtime(path)
+    except OSError:
+        return 0.0
+
+
+def _alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def main(argv=None):

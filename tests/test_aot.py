@@ -166,3 +166,33 @@ def test_aot_is_the_cpu_default_and_the_env_var_turns_it_off(tokenizer, monkeypa
         monkeypatch.setenv("NANOCHAT_ENGINE_AOT", "2")
         with pytest.raises(Exception, match="not understood"):
             Engine(model, tokenizer)
+
+
+def test_a_build_in_progress_elsewhere_is_waited_for_not_repeated(tokenizer, monkeypatch, tmp_path):
+    """Another process's builder holds <key>.building: a second engine starts no build of its own,
+    and loads the package once that builder has put it there; a lock whose builder is dead is
+    taken over."""
+    import subprocess
+
+    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(tmp_path))
+    model = build(**SHAPE)
+    path = aot.package_path(model)
+    os.makedirs(os.path.dirname(path))
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        with open(path[:-4] + ".building", "w") as f:
+            f.write(str(other.pid))
+        engine = Engine(model, tokenizer, aot=True)
+        assert engine._aot_step() is None and engine._aot_build.proc is None and engine._aot_build.other == other.pid
+        assert not engine.wait_for_compile(timeout=0.5)  # still building elsewhere
+    finally:
+        other.kill()
+        other.wait()
+    with pytest.warns(UserWarning, match="another process's build"):
+        assert engine._aot_step() is None  # that builder died without a package
+    assert not engine.aot
+    again = Engine(model, tokenizer, aot=True)
+    again._aot_build = aot.Build(model)  # the dead builder's lock is taken over: a build of our own
+    assert again._aot_build.proc is not None
+    again._aot_build.proc.kill()
+    again._aot_build.proc.wait()
