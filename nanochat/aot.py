@@ -21,7 +21,7 @@ Builds live in <base_dir>/aot/<key>.pt2; while one is made, <key>.building holds
 pid and <key>.<pid>.log its output; a failed build leaves <key>.failed (its log) and is not
 retried until that file is deleted.
 
-    python -m nanochat.aot --depth 4 --vocab 8192 --seq-len 256    # build one ahead of use
+    python -m nanochat.aot --config '{"n_layer": 4, "n_embd": 256, "n_head": 4, "n_kv_head": 4}'   # ahead of use
 """
 
 import argparse
@@ -244,24 +244,13 @@ def _alive(pid):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description="Build the ahead-of-time compiled decode step for a model shape.")
-    p.add_argument("--config", default=None, help="GPTConfig fields as JSON (what the engine passes)")
-    p.add_argument("--depth", type=int, default=4)
-    p.add_argument("--aspect-ratio", type=int, default=64)
-    p.add_argument("--head-dim", type=int, default=64)
-    p.add_argument("--vocab", type=int, default=8192)
-    p.add_argument("--seq-len", type=int, default=256)
-    p.add_argument("--window", default="L")
+    p.add_argument("--config", required=True, help="the model's GPTConfig fields as JSON, e.g. '{\"n_layer\": 4}'")
     p.add_argument("--out", default=None, help="package path (default: where the engine looks for it)")
     args = p.parse_args(argv)
-    torch.set_num_threads(max(1, torch.get_num_threads()))
-    if args.config:
-        try:
-            config = GPTConfig(**json.loads(args.config))
-        except (ValueError, TypeError) as e:
-            raise NanochatError(f"--config is not a GPTConfig as JSON ({e}); pass the fields of the model's config.") from None
-    else:
-        config = GPTConfig.from_depth(args.depth, args.aspect_ratio, args.head_dim, sequence_len=args.seq_len,
-                                      vocab_size=args.vocab, window_pattern=args.window)
+    try:
+        config = GPTConfig(**json.loads(args.config))
+    except (ValueError, TypeError) as e:
+        raise NanochatError(f"--config is not a GPTConfig as JSON ({e}); pass the fields of the model's config.") from None
     with torch.device("meta"):
         model = GPT(config)
     model.to_empty(device="cpu")

@@ -522,27 +522,27 @@ def _static_span(max_pos, capacity):
     return capacity
 
 
+def _env_switch(name, what):
+    """$name=1|0 forces `what` on or off; unset: None (the caller's default)."""
+    env = os.environ.get(name, "").strip()
+    if env and env not in ("0", "1"):
+        raise NanochatError(f"{name}={env!r} is not understood; use 1 ({what}) or 0 (eager).")
+    return None if not env else env == "1"
+
+
 def _compile_default(device):
-    """NANOCHAT_ENGINE_COMPILE=1|0 forces compiling the decode step either way. By default it is
-    compiled on CUDA (with CUDA graphs), where it costs seconds and pays back at once; on CPU the
-    eager step is lean enough and a compile would stall the first request, so it is opt-in."""
-    env = os.environ.get("NANOCHAT_ENGINE_COMPILE", "").strip()
-    if env in ("0", "1"):
-        return env == "1"
-    if env:
-        raise NanochatError(f"NANOCHAT_ENGINE_COMPILE={env!r} is not understood; use 1 (compile) or 0 (eager).")
-    return device.type == "cuda"
+    """NANOCHAT_ENGINE_COMPILE=1|0 forces torch.compile of the decode step either way. By default
+    it is compiled on CUDA (with CUDA graphs), where it costs seconds and pays back at once; the
+    CPU uses the ahead-of-time step instead (see _aot_default)."""
+    forced = _env_switch("NANOCHAT_ENGINE_COMPILE", "compile")
+    return device.type == "cuda" if forced is None else forced
 
 
 def _aot_default(device):
     """NANOCHAT_ENGINE_AOT=1|0 forces the ahead-of-time compiled step either way; by default the
     CPU uses it (once built; see nanochat/aot.py) and CUDA uses torch.compile with CUDA graphs."""
-    env = os.environ.get("NANOCHAT_ENGINE_AOT", "").strip()
-    if env in ("0", "1"):
-        return env == "1"
-    if env:
-        raise NanochatError(f"NANOCHAT_ENGINE_AOT={env!r} is not understood; use 1 (compiled ahead of time) or 0 (eager).")
-    return device.type == "cpu"
+    forced = _env_switch("NANOCHAT_ENGINE_AOT", "compiled ahead of time")
+    return device.type == "cpu" if forced is None else forced
 
 
 def aot_supported(model):
