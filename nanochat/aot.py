@@ -128,10 +128,6 @@ class Compiled:
         return self.loader.boxed_run([ids, pos, span, k, v, prev, *weights])[0]
 
 
-def load(path):
-    return Compiled(path)
-
-
 class Build:
     """A package for a model: found on disk, or being built by a child process at low priority
     (by this process, or by another one that holds <key>.building with its builder's pid: two

@@ -27,7 +27,7 @@ from contextlib import contextmanager
 import torch
 import torch.nn.functional as F
 
-from nanochat import aot
+from nanochat import aot as nanochat_aot
 from nanochat.common import COMPUTE_DTYPE, NanochatError
 from nanochat.gpt import GPT, DecodeStep, DecodeWeights
 
@@ -545,10 +545,6 @@ def _aot_default(device):
     return device.type == "cpu" if forced is None else forced
 
 
-def aot_supported(model):
-    return isinstance(model, GPT) and aot.supported(model)
-
-
 def _step_fn(model, weights, ids, step):
     """The decode step: our model's forward on a DecodeStep, with the compute-dtype weight copies
     swapped in when there are any."""
@@ -637,7 +633,7 @@ class Engine:
         self._compiled = None
         # on the CPU the decode step is compiled ahead of time once per model shape and kept on disk
         self.aot = ((_aot_default(self.device) if aot is None else bool(aot)) and not self.compile
-                    and not self.reference_contract and aot_supported(model))
+                    and nanochat_aot.supported(model))
         self._aot_build = self._aot_run = self._aot_weights = None
         self._spans = {}  # attention span L -> the (L,) tensor that carries it into the compiled step
         self.batch_invariant = batch_invariant
@@ -716,9 +712,7 @@ class Engine:
         the first call starts the build in the background."""
         if self._aot_run is not None:
             return self._aot_run
-        if self._aot_build is None:
-            self._aot_build = aot.Build(self.model)
-        path = self._aot_build.ready()
+        path = self._builder().ready()
         if path is None:
             if self._aot_build.error is not None:
                 warnings.warn(f"no ahead-of-time compiled decode step: {self._aot_build.error}; decoding eagerly",
@@ -726,21 +720,25 @@ class Engine:
                 self.aot = False
             return None
         try:
-            self._aot_run = aot.load(path)
+            self._aot_run = nanochat_aot.Compiled(path)
         except Exception as e:
             warnings.warn(f"loading the compiled decode step {path} failed ({type(e).__name__}: {e}); decoding "
                           f"eagerly (delete the file to rebuild it)", stacklevel=3)
             self.aot = False
         return self._aot_run
 
+    def _builder(self):
+        """The package's Build, made at first use (it starts a build when there is no package)."""
+        if self._aot_build is None:
+            self._aot_build = nanochat_aot.Build(self.model)
+        return self._aot_build
+
     def wait_for_compile(self, timeout=None):
         """Block until the ahead-of-time step is built (or its build failed, or timeout seconds
         passed); a no-op when the engine does not use one. Returns whether it is ready."""
         if not self.aot:
             return False
-        if self._aot_build is None:
-            self._aot_build = aot.Build(self.model)
-        if self._aot_build.proc is not None:
+        if self._builder().proc is not None:
             print(f"compiling the decode step for this model shape once (a minute or so on a few CPU cores); "
                   f"cached in {self._aot_build.path}", file=sys.stderr, flush=True)
         self._aot_build.wait(timeout)
@@ -801,7 +799,7 @@ class Engine:
                 self._weights = {name: w.detach().to(COMPUTE_DTYPE) for name, w in linears}
         # a compiled step fuses by itself, and would recompile whenever a scalar changed
         self._decode_weights = None if self.compile else DecodeWeights(self.model, COMPUTE_DTYPE)
-        self._aot_weights = aot.weights_of(self.model) if self.aot else None
+        self._aot_weights = nanochat_aot.weights_of(self.model) if self.aot else None
         self._weight_versions = versions
 
     def _advance_tools(self, row, sampled):

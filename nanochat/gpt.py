@@ -147,9 +147,9 @@ class DecodeStep:
         """(B, kv_len) visibility of the cache slots for a layer whose window reaches `left` back.
         An eager step turns it into additive form (0 seen, -inf hidden) once here, which attention
         would otherwise redo from the boolean form in every layer; the scores are the same."""
-        if self.weights is not None and left >= self.kv_len - 1:
-            left = -1  # eager: no slot read is further back than the window, so the plain causal mask
-            # (a compiled step keeps the window: with a symbolic kv_len this test would pin its range)
+        if isinstance(self.kv_len, int) and left >= self.kv_len - 1:
+            left = -1  # no slot read is further back than the window: the plain causal mask
+            # (an exported step's kv_len is symbolic and keeps the window: this test would pin its range)
         if left not in self.masks:
             mask = decode_mask(self.pos, self.kv_len, left)
             if self.weights is not None:
